@@ -1,0 +1,43 @@
+//! From checkpoints to model directories: checkpoint readers (safetensors, PyTorch `.pt`),
+//! presets, and `narx export`, which writes the ONNX graphs, one weight file and the
+//! manifest.
+
+pub mod checkpoint;
+pub mod model_dir;
+pub mod presets;
+pub mod random;
+
+use narx_graphs::GraphError;
+
+use checkpoint::CheckpointError;
+
+/// Errors of `narx export`.
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error(transparent)]
+    Graph(#[from] GraphError),
+    #[error("{origin} does not fit the model:\n  {}", problems.join("\n  "))]
+    Parameters {
+        origin: String,
+        problems: Vec<String>,
+    },
+    #[error("{0}")]
+    Usage(String),
+    #[error("output {path}: {message}")]
+    Output { path: String, message: String },
+}
+
+impl ExportError {
+    /// Whether the user's input is at fault (exit code 2) rather than the machine (1).
+    pub fn is_bad_input(&self) -> bool {
+        match self {
+            ExportError::Graph(GraphError::Io { .. }) => false,
+            ExportError::Checkpoint(CheckpointError::Io { source, .. }) => {
+                source.kind() == std::io::ErrorKind::NotFound
+            }
+            _ => true,
+        }
+    }
+}

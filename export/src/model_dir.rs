@@ -1,0 +1,299 @@
+//! `narx export`: a checkpoint in, a model directory out (graphs, one weight file, manifest).
+//!
+//! The directory is assembled under a temporary sibling name and renamed into place only when
+//! everything is written, so a failed export leaves nothing behind.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use narx_graphs::manifest::{
+    Condition, Family, GraphFile, Graphs, Head, KvCache, Manifest, SamplingDefaults, WeightsFile,
+    FORMAT_VERSION,
+};
+use narx_graphs::nar::{self, names, ConditionKind, ModelArgs, NarSpec, ParamSource};
+use narx_graphs::weights::WeightStore;
+use narx_graphs::{encode_model, DType, GraphError};
+
+use crate::checkpoint::TensorSource;
+use crate::ExportError;
+
+/// File names inside a model directory.
+pub const PREFILL_FILE: &str = "prefill.onnx";
+pub const STEP_FILE: &str = "step.onnx";
+pub const WEIGHTS_FILE: &str = "weights.bin";
+
+/// Most prompts per batch the TensorRT profiles are built for (twice that many rows with
+/// guidance).
+const PROFILE_MAX_PROMPTS: usize = 8;
+
+/// What to export.
+pub struct ExportRequest<'a> {
+    pub source: &'a dyn TensorSource,
+    pub args: ModelArgs,
+    /// Grid side; `None` takes it from `block_size`.
+    pub grid: Option<usize>,
+    pub dtype: DType,
+    pub output: PathBuf,
+    /// Replace an existing model directory.
+    pub force: bool,
+}
+
+/// Checks that `source` holds every tensor the model needs with the right shape; lists every
+/// problem at once.
+pub fn check_parameters(source: &dyn TensorSource, args: &ModelArgs) -> Result<(), ExportError> {
+    let mut problems = Vec::new();
+    for (name, expected) in args.parameters() {
+        match source.shape(&name) {
+            None => problems.push(format!(
+                "missing tensor {name} (expected shape {expected:?})"
+            )),
+            Some(shape) if shape != expected => problems.push(format!(
+                "tensor {name} has shape {shape:?}, expected {expected:?}"
+            )),
+            Some(_) => {}
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(ExportError::Parameters {
+            origin: source.origin(),
+            problems,
+        })
+    }
+}
+
+struct Params<'a>(&'a dyn TensorSource);
+
+impl ParamSource for Params<'_> {
+    fn read_f32(&self, name: &str) -> Result<Vec<f32>, GraphError> {
+        self.0
+            .read_f32(name)
+            .map_err(|e| GraphError::Param(e.to_string()))
+    }
+}
+
+/// Writes the model directory; returns its manifest.
+pub fn export(request: &ExportRequest) -> Result<Manifest, ExportError> {
+    request.args.validate()?;
+    let grid = match request.grid {
+        Some(n) => n,
+        None => request.args.default_grid().ok_or_else(|| {
+            ExportError::Usage(format!(
+                "block_size {} is not a square grid; pass --grid N",
+                request.args.block_size
+            ))
+        })?,
+    };
+    let spec = NarSpec::new(request.args.clone(), grid, request.dtype)?;
+    check_parameters(request.source, &spec.args)?;
+    let staging = Staging::new(&request.output, request.force)?;
+    let manifest = write_model(&spec, request.source, staging.path())?;
+    staging.commit()?;
+    Ok(manifest)
+}
+
+fn write_model(
+    spec: &NarSpec,
+    source: &dyn TensorSource,
+    dir: &Path,
+) -> Result<Manifest, ExportError> {
+    let mut store = WeightStore::external(dir, WEIGHTS_FILE)?;
+    let graphs = nar::build(spec, &Params(source), &mut store)?;
+    let weight_bytes = store.finish()?;
+    let mut files = Vec::new();
+    for (file, model) in [(PREFILL_FILE, &graphs.prefill), (STEP_FILE, &graphs.step)] {
+        let bytes = encode_model(model);
+        let path = dir.join(file);
+        std::fs::write(&path, &bytes).map_err(|e| GraphError::io(&path, e))?;
+        files.push(GraphFile::describe(file, bytes.len() as u64, model)?);
+    }
+    let step = files
+        .pop()
+        .ok_or_else(|| ExportError::Usage("no step graph".into()))?;
+    let prefill = files
+        .pop()
+        .ok_or_else(|| ExportError::Usage("no prefill graph".into()))?;
+    let manifest = manifest(spec, prefill, step, weight_bytes)?;
+    manifest.save(dir)?;
+    Ok(manifest)
+}
+
+fn manifest(
+    spec: &NarSpec,
+    prefill: GraphFile,
+    step: GraphFile,
+    weight_bytes: u64,
+) -> Result<Manifest, ExportError> {
+    let args = &spec.args;
+    let n = spec.grid;
+    let c = spec.condition_len();
+    let (family, condition, sampling) = match args.condition() {
+        ConditionKind::Class => (
+            Family::NarC2i,
+            Condition::Class {
+                num_classes: args.num_classes,
+                null_class: (args.class_rows() > args.num_classes).then_some(args.num_classes),
+            },
+            // sample_c2i.py
+            SamplingDefaults {
+                cfg_scale: 4.0,
+                cfg_interval: -1,
+                temperature: 1.0,
+                top_k: 2000,
+                top_p: 1.0,
+            },
+        ),
+        ConditionKind::Caption => (
+            Family::NarT2i,
+            Condition::Caption {
+                tokens: c,
+                dim: args.caption_dim,
+            },
+            // sample_t2i.py
+            SamplingDefaults {
+                cfg_scale: 7.5,
+                cfg_interval: -1,
+                temperature: 1.0,
+                top_k: 0,
+                top_p: 1.0,
+            },
+        ),
+    };
+    let rows = 2 * PROFILE_MAX_PROMPTS;
+    let ranges: BTreeMap<&str, (usize, usize, usize)> = [
+        (nar::dims::BATCH, (1, 2, rows)),
+        (nar::dims::WIDTH, (1, n, n)),
+        (nar::dims::PAST, (c, c + n * n / 2, c + n * n - 1)),
+    ]
+    .into_iter()
+    .collect();
+    let tensorrt_profiles = [
+        ("prefill".to_string(), prefill.profiles(&ranges)?),
+        ("step".to_string(), step.profiles(&ranges)?),
+    ]
+    .into_iter()
+    .collect();
+    Ok(Manifest {
+        format_version: FORMAT_VERSION,
+        producer: format!("narx {}", env!("CARGO_PKG_VERSION")),
+        family,
+        config: args.clone(),
+        grid: vec![n, n],
+        vocab_size: args.vocab_size,
+        dtype: spec.dtype,
+        parameters: args.parameter_count(),
+        condition,
+        heads: vec![
+            Head {
+                name: "right".into(),
+                output: names::LOGITS_RIGHT.into(),
+                axis: 1,
+            },
+            Head {
+                name: "down".into(),
+                output: names::LOGITS_DOWN.into(),
+                axis: 0,
+            },
+        ],
+        graphs: Graphs { prefill, step },
+        weights: WeightsFile {
+            file: WEIGHTS_FILE.into(),
+            bytes: weight_bytes,
+        },
+        kv_cache: KvCache {
+            layout: "append".into(),
+            layers: args.blocks(),
+            kv_heads: args.kv_heads(),
+            head_dim: args.head_dim(),
+            dtype: spec.dtype,
+            capacity: spec.cache_capacity(),
+            past_key: "past.{layer}.key".into(),
+            past_value: "past.{layer}.value".into(),
+            present_key: "present.{layer}.key".into(),
+            present_value: "present.{layer}.value".into(),
+            past_key_bias: names::PAST_KEY_BIAS.into(),
+            present_key_bias: names::PRESENT_KEY_BIAS.into(),
+        },
+        sampling,
+        tensorrt_profiles,
+    })
+}
+
+/// A temporary sibling directory that becomes the output on `commit` and is removed otherwise.
+struct Staging {
+    temp: PathBuf,
+    output: PathBuf,
+    committed: bool,
+}
+
+impl Staging {
+    fn new(output: &Path, force: bool) -> Result<Self, ExportError> {
+        let out_err = |message: String| ExportError::Output {
+            path: output.display().to_string(),
+            message,
+        };
+        if output.exists() {
+            let is_model = Manifest::path(output).is_file();
+            if !force || !is_model {
+                return Err(out_err(if is_model {
+                    "already exists (pass --force to replace it)".into()
+                } else {
+                    "already exists and is not a narx model directory; choose another path".into()
+                }));
+            }
+        }
+        let name = output
+            .file_name()
+            .ok_or_else(|| out_err("is not a directory name".into()))?
+            .to_string_lossy()
+            .to_string();
+        let parent = match output.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        if !parent.is_dir() {
+            return Err(out_err(format!(
+                "parent directory {} does not exist",
+                parent.display()
+            )));
+        }
+        let temp = parent.join(format!(".{name}.narx-partial-{}", std::process::id()));
+        std::fs::create_dir(&temp).map_err(|e| out_err(format!("cannot create it: {e}")))?;
+        Ok(Staging {
+            temp,
+            output: output.to_path_buf(),
+            committed: false,
+        })
+    }
+
+    fn path(&self) -> &Path {
+        &self.temp
+    }
+
+    fn commit(mut self) -> Result<(), ExportError> {
+        let io = |e: std::io::Error| ExportError::Output {
+            path: self.output.display().to_string(),
+            message: e.to_string(),
+        };
+        if self.output.exists() {
+            let old = self.temp.with_extension("old");
+            std::fs::rename(&self.output, &old).map_err(io)?;
+            std::fs::rename(&self.temp, &self.output).map_err(io)?;
+            std::fs::remove_dir_all(&old).map_err(io)?;
+        } else {
+            std::fs::rename(&self.temp, &self.output).map_err(io)?;
+        }
+        self.committed = true;
+        Ok(())
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        if !self.committed {
+            // Best effort: the export already failed with a better error than this could give.
+            let _ = std::fs::remove_dir_all(&self.temp);
+        }
+    }
+}

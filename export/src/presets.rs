@@ -1,0 +1,65 @@
+//! Named model shapes (NAR-SPEC §1.2) so users need no config file for released checkpoints.
+
+use narx_graphs::nar::ModelArgs;
+
+/// `(name, n_layer, n_head, dim, text-conditional)`.
+const PRESETS: [(&str, usize, usize, usize, bool); 6] = [
+    ("nar-b", 12, 12, 768, false),
+    ("nar-m", 18, 16, 1024, false),
+    ("nar-l", 24, 16, 1024, false),
+    ("nar-xl", 36, 20, 1280, false),
+    ("nar-xxl", 48, 24, 1536, false),
+    ("nar-xl-t2i", 36, 20, 1280, true),
+];
+
+/// Names of all presets, for help texts and error messages.
+pub fn preset_names() -> Vec<&'static str> {
+    PRESETS.iter().map(|p| p.0).collect()
+}
+
+/// The `ModelArgs` of a preset: c2i at 384 px (24×24 grid) as `sample_c2i.py` samples,
+/// t2i at 512 px (32×32) with 120 caption tokens as `sample_t2i.py`.
+pub fn preset(name: &str) -> Option<ModelArgs> {
+    let &(_, n_layer, n_head, dim, t2i) = PRESETS.iter().find(|p| p.0 == name)?;
+    let base = ModelArgs {
+        n_layer,
+        n_head,
+        dim,
+        ..ModelArgs::default()
+    };
+    Some(if t2i {
+        ModelArgs {
+            model_type: "t2i".into(),
+            cls_token_num: 120,
+            block_size: 32 * 32,
+            ..base
+        }
+    } else {
+        ModelArgs {
+            block_size: 24 * 24,
+            ..base
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets_have_the_published_sizes() {
+        let count = |n: &str| preset(n).map(|a| a.parameter_count());
+        assert_eq!(count("nar-b"), Some(130_551_552));
+        assert_eq!(count("nar-m"), Some(295_453_696));
+        assert_eq!(count("nar-l"), Some(372_536_320));
+        assert_eq!(count("nar-xl"), Some(815_991_040));
+        assert_eq!(count("nar-xxl"), Some(1_464_454_656));
+        assert_eq!(count("nar-xl-t2i"), Some(818_969_600));
+        assert_eq!(
+            preset("nar-xl-t2i").and_then(|a| a.default_grid()),
+            Some(32)
+        );
+        assert_eq!(preset("nar-b").and_then(|a| a.default_grid()), Some(24));
+        assert!(preset("nar-q").is_none());
+    }
+}

@@ -1,0 +1,479 @@
+//! A typed ONNX graph builder.
+//!
+//! Values are handles ([`Value`]) that carry their element type, never strings; nodes get
+//! scoped, hierarchical names (`/layers.3/attn/MatMul`) that read well in Netron; small
+//! constants are pooled so a graph holds each one once; large tensors (weights) go through a
+//! [`WeightStore`] that writes each of them once, even when several graphs share it.
+//! Everything that can go wrong returns a [`GraphError`]; nothing panics.
+//!
+//! The operator helpers (`matmul`, `reshape`, ...) live in `ops.rs`; this file is the core:
+//! values, scopes, nodes, inputs, outputs, constants and the final `ModelProto`.
+
+use std::collections::HashMap;
+
+use crate::onnx::{
+    self, attribute_proto::AttributeType, tensor_proto::DataType, tensor_shape_proto, type_proto,
+    AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto,
+    TensorShapeProto, TypeProto, ValueInfoProto,
+};
+use crate::weights::WeightStore;
+use crate::GraphError;
+
+/// The opset every narx graph targets: TensorRT 8.5+ (JetPack 5) and every ONNX Runtime
+/// parse it.
+pub const OPSET: i64 = 17;
+/// IR version 8 pairs with opset 17.
+pub const IR_VERSION: i64 = 8;
+
+/// Element types narx graphs use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DType {
+    F32,
+    F16,
+    I64,
+    Bool,
+}
+
+impl DType {
+    pub fn onnx(self) -> DataType {
+        match self {
+            DType::F32 => DataType::Float,
+            DType::F16 => DataType::Float16,
+            DType::I64 => DataType::Int64,
+            DType::Bool => DataType::Bool,
+        }
+    }
+
+    pub fn from_onnx(code: i32) -> Option<DType> {
+        match DataType::try_from(code).ok()? {
+            DataType::Float => Some(DType::F32),
+            DataType::Float16 => Some(DType::F16),
+            DataType::Int64 => Some(DType::I64),
+            DataType::Bool => Some(DType::Bool),
+            _ => None,
+        }
+    }
+
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 => 2,
+            DType::I64 => 8,
+            DType::Bool => 1,
+        }
+    }
+
+    pub fn is_float(self) -> bool {
+        matches!(self, DType::F32 | DType::F16)
+    }
+}
+
+/// A dimension of a graph input or output: fixed, or named and bound at run time.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(untagged)]
+pub enum Dim {
+    Fixed(usize),
+    Named(String),
+}
+
+impl Dim {
+    pub fn named(name: &str) -> Dim {
+        Dim::Named(name.to_string())
+    }
+}
+
+impl From<usize> for Dim {
+    fn from(n: usize) -> Dim {
+        Dim::Fixed(n)
+    }
+}
+
+/// A typed handle to a value of the graph under construction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Value {
+    index: usize,
+    dtype: DType,
+}
+
+impl Value {
+    pub fn dtype(self) -> DType {
+        self.dtype
+    }
+}
+
+/// An attribute value of a node.
+#[derive(Clone, Debug)]
+pub enum Attr {
+    Int(i64),
+    Ints(Vec<i64>),
+    Float(f32),
+    Tensor(TensorProto),
+}
+
+/// Host data of a constant, already in its element type.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ConstData {
+    F32(Vec<f32>),
+    F16(Vec<half::f16>),
+    I64(Vec<i64>),
+    Bool(Vec<bool>),
+}
+
+impl ConstData {
+    pub fn dtype(&self) -> DType {
+        match self {
+            ConstData::F32(_) => DType::F32,
+            ConstData::F16(_) => DType::F16,
+            ConstData::I64(_) => DType::I64,
+            ConstData::Bool(_) => DType::Bool,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            ConstData::F32(v) => v.len(),
+            ConstData::F16(v) => v.len(),
+            ConstData::I64(v) => v.len(),
+            ConstData::Bool(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Little-endian bytes, as ONNX `raw_data` stores them.
+    pub fn to_le_bytes(&self) -> Vec<u8> {
+        match self {
+            ConstData::F32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            ConstData::F16(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            ConstData::I64(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            ConstData::Bool(v) => v.iter().map(|&b| b as u8).collect(),
+        }
+    }
+}
+
+/// Builds one ONNX graph. Weights go to the [`WeightStore`] it was given.
+pub struct GraphBuilder<'w> {
+    name: String,
+    value_names: Vec<String>,
+    scopes: Vec<String>,
+    node_name_counts: HashMap<String, usize>,
+    nodes: Vec<NodeProto>,
+    inputs: Vec<ValueInfoProto>,
+    outputs: Vec<ValueInfoProto>,
+    initializers: Vec<TensorProto>,
+    constants: HashMap<(DType, Vec<usize>, Vec<u8>), Value>,
+    weights: HashMap<String, Value>,
+    store: &'w mut WeightStore,
+}
+
+impl<'w> GraphBuilder<'w> {
+    pub fn new(name: &str, store: &'w mut WeightStore) -> Self {
+        GraphBuilder {
+            name: name.to_string(),
+            value_names: Vec::new(),
+            scopes: Vec::new(),
+            node_name_counts: HashMap::new(),
+            nodes: Vec::new(),
+            inputs: Vec::new(),
+            outputs: Vec::new(),
+            initializers: Vec::new(),
+            constants: HashMap::new(),
+            weights: HashMap::new(),
+            store,
+        }
+    }
+
+    /// Runs `f` with `segment` appended to the node-name scope (`/layers.3/attn/...`).
+    pub fn scoped<T>(
+        &mut self,
+        segment: &str,
+        f: impl FnOnce(&mut Self) -> Result<T, GraphError>,
+    ) -> Result<T, GraphError> {
+        self.scopes.push(segment.to_string());
+        let result = f(self);
+        self.scopes.pop();
+        result
+    }
+
+    fn new_value(&mut self, name: String, dtype: DType) -> Value {
+        self.value_names.push(name);
+        Value {
+            index: self.value_names.len() - 1,
+            dtype,
+        }
+    }
+
+    /// The name a value has in the ONNX file.
+    pub fn name_of(&self, value: Value) -> &str {
+        &self.value_names[value.index]
+    }
+
+    /// Declares a graph input.
+    pub fn input(&mut self, name: &str, dtype: DType, dims: &[Dim]) -> Value {
+        self.inputs.push(value_info(name, dtype, dims));
+        self.new_value(name.to_string(), dtype)
+    }
+
+    /// Declares `value` a graph output named `name` (an Identity node renames it if needed).
+    pub fn output(&mut self, name: &str, value: Value, dims: &[Dim]) -> Result<(), GraphError> {
+        if self.outputs.iter().any(|o| o.name.as_deref() == Some(name)) {
+            return Err(GraphError::Invalid(format!("output {name} declared twice")));
+        }
+        if self.name_of(value) != name {
+            let node_name = self.unique_node_name(&format!("output.{name}"));
+            self.nodes.push(NodeProto {
+                name: Some(node_name),
+                op_type: Some("Identity".into()),
+                input: vec![self.name_of(value).to_string()],
+                output: vec![name.to_string()],
+                ..Default::default()
+            });
+        }
+        self.outputs.push(value_info(name, value.dtype, dims));
+        Ok(())
+    }
+
+    fn unique_node_name(&mut self, op: &str) -> String {
+        let mut base = String::new();
+        for scope in &self.scopes {
+            base.push('/');
+            base.push_str(scope);
+        }
+        base.push('/');
+        base.push_str(op);
+        let count = self.node_name_counts.entry(base.clone()).or_insert(0);
+        *count += 1;
+        if *count == 1 {
+            base
+        } else {
+            format!("{base}_{}", *count - 1)
+        }
+    }
+
+    /// Adds a node with the given outputs' element types; returns its outputs.
+    pub fn node(
+        &mut self,
+        op: &str,
+        inputs: &[Value],
+        attrs: &[(&str, Attr)],
+        output_types: &[DType],
+    ) -> Result<Vec<Value>, GraphError> {
+        for input in inputs {
+            if input.index >= self.value_names.len() {
+                return Err(GraphError::Invalid(format!(
+                    "{op}: input handle {} belongs to another graph",
+                    input.index
+                )));
+            }
+        }
+        let node_name = self.unique_node_name(op);
+        let outputs: Vec<Value> = output_types
+            .iter()
+            .enumerate()
+            .map(|(i, &dtype)| self.new_value(format!("{node_name}_output_{i}"), dtype))
+            .collect();
+        let node = NodeProto {
+            name: Some(node_name),
+            op_type: Some(op.to_string()),
+            input: inputs
+                .iter()
+                .map(|v| self.name_of(*v).to_string())
+                .collect(),
+            output: outputs
+                .iter()
+                .map(|v| self.name_of(*v).to_string())
+                .collect(),
+            attribute: attrs.iter().map(|(k, a)| attribute(k, a)).collect(),
+            ..Default::default()
+        };
+        self.nodes.push(node);
+        Ok(outputs)
+    }
+
+    /// A node with one output.
+    pub fn node1(
+        &mut self,
+        op: &str,
+        inputs: &[Value],
+        attrs: &[(&str, Attr)],
+        output_type: DType,
+    ) -> Result<Value, GraphError> {
+        Ok(self.node(op, inputs, attrs, &[output_type])?[0])
+    }
+
+    /// A pooled constant: the same data and shape give the same value.
+    pub fn constant(&mut self, data: ConstData, dims: &[usize]) -> Result<Value, GraphError> {
+        check_len(data.len(), dims, "constant")?;
+        let dtype = data.dtype();
+        let bytes = data.to_le_bytes();
+        let key = (dtype, dims.to_vec(), bytes);
+        if let Some(&v) = self.constants.get(&key) {
+            return Ok(v);
+        }
+        let name = format!("const.{}", self.constants.len());
+        let tensor = TensorProto {
+            name: Some(name.clone()),
+            dims: dims.iter().map(|&d| d as i64).collect(),
+            data_type: Some(dtype.onnx() as i32),
+            raw_data: Some(key.2.clone()),
+            ..Default::default()
+        };
+        self.initializers.push(tensor);
+        let value = self.new_value(name, dtype);
+        self.constants.insert(key, value);
+        Ok(value)
+    }
+
+    pub fn const_i64(&mut self, values: &[i64]) -> Result<Value, GraphError> {
+        self.constant(ConstData::I64(values.to_vec()), &[values.len()])
+    }
+
+    /// A scalar (rank-0) float constant in `dtype`.
+    pub fn scalar(&mut self, x: f32, dtype: DType) -> Result<Value, GraphError> {
+        match dtype {
+            DType::F32 => self.constant(ConstData::F32(vec![x]), &[]),
+            DType::F16 => self.constant(ConstData::F16(vec![half::f16::from_f32(x)]), &[]),
+            other => Err(GraphError::Invalid(format!(
+                "float scalar requested in {other:?}"
+            ))),
+        }
+    }
+
+    /// A named weight. `data` is called only if the store does not hold `name` yet, so a
+    /// weight shared by several graphs is converted and written once.
+    pub fn weight(
+        &mut self,
+        name: &str,
+        dtype: DType,
+        dims: &[usize],
+        data: impl FnOnce() -> Result<ConstData, GraphError>,
+    ) -> Result<Value, GraphError> {
+        if let Some(&v) = self.weights.get(name) {
+            return Ok(v);
+        }
+        let tensor = self.store.tensor(name, dtype, dims, || {
+            let data = data()?;
+            if data.dtype() != dtype {
+                return Err(GraphError::Invalid(format!(
+                    "weight {name}: data is {:?}, declared {dtype:?}",
+                    data.dtype()
+                )));
+            }
+            check_len(data.len(), dims, name)?;
+            Ok(data.to_le_bytes())
+        })?;
+        self.initializers.push(tensor);
+        let value = self.new_value(name.to_string(), dtype);
+        self.weights.insert(name.to_string(), value);
+        Ok(value)
+    }
+
+    /// The finished model.
+    pub fn finish(self) -> ModelProto {
+        ModelProto {
+            ir_version: Some(IR_VERSION),
+            opset_import: vec![OperatorSetIdProto {
+                domain: Some(String::new()),
+                version: Some(OPSET),
+            }],
+            producer_name: Some("narx".into()),
+            producer_version: Some(env!("CARGO_PKG_VERSION").into()),
+            graph: Some(GraphProto {
+                name: Some(self.name),
+                node: self.nodes,
+                initializer: self.initializers,
+                input: self.inputs,
+                output: self.outputs,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+}
+
+fn check_len(len: usize, dims: &[usize], what: &str) -> Result<(), GraphError> {
+    let expected: usize = dims.iter().product();
+    if len != expected {
+        return Err(GraphError::Invalid(format!(
+            "{what}: {len} elements for shape {dims:?} ({expected} expected)"
+        )));
+    }
+    Ok(())
+}
+
+fn value_info(name: &str, dtype: DType, dims: &[Dim]) -> ValueInfoProto {
+    let dim = dims
+        .iter()
+        .map(|d| tensor_shape_proto::Dimension {
+            value: match d {
+                Dim::Fixed(n) => Some(tensor_shape_proto::dimension::Value::DimValue(*n as i64)),
+                // An expression such as `past+width` is computed by the graph: left unnamed
+                // in the file, so engines infer it instead of binding a new symbol.
+                Dim::Named(s) if !s.chars().all(|c| c.is_alphanumeric() || c == '_') => None,
+                Dim::Named(s) => Some(tensor_shape_proto::dimension::Value::DimParam(s.clone())),
+            },
+            ..Default::default()
+        })
+        .collect();
+    ValueInfoProto {
+        name: Some(name.to_string()),
+        r#type: Some(TypeProto {
+            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                elem_type: Some(dtype.onnx() as i32),
+                shape: Some(TensorShapeProto { dim }),
+            })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn attribute(name: &str, attr: &Attr) -> AttributeProto {
+    let mut proto = AttributeProto {
+        name: Some(name.to_string()),
+        ..Default::default()
+    };
+    match attr {
+        Attr::Int(i) => {
+            proto.i = Some(*i);
+            proto.r#type = Some(AttributeType::Int as i32);
+        }
+        Attr::Ints(v) => {
+            proto.ints = v.clone();
+            proto.r#type = Some(AttributeType::Ints as i32);
+        }
+        Attr::Float(f) => {
+            proto.f = Some(*f);
+            proto.r#type = Some(AttributeType::Float as i32);
+        }
+        Attr::Tensor(t) => {
+            proto.t = Some(t.clone());
+            proto.r#type = Some(AttributeType::Tensor as i32);
+        }
+    }
+    proto
+}
+
+/// Reads a graph input's or output's element type and dims back from a model, for manifests
+/// and `narx inspect`.
+pub fn describe_io(info: &onnx::ValueInfoProto) -> Option<(DType, Vec<Dim>)> {
+    let type_proto::Value::TensorType(tensor) = info.r#type.as_ref()?.value.as_ref()? else {
+        return None;
+    };
+    let dtype = DType::from_onnx(tensor.elem_type?)?;
+    let dims = tensor
+        .shape
+        .as_ref()?
+        .dim
+        .iter()
+        .map(|d| match &d.value {
+            Some(tensor_shape_proto::dimension::Value::DimValue(n)) => Dim::Fixed(*n as usize),
+            Some(tensor_shape_proto::dimension::Value::DimParam(s)) => Dim::Named(s.clone()),
+            None => Dim::Named("?".into()),
+        })
+        .collect();
+    Some((dtype, dims))
+}

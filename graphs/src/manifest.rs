@@ -1,0 +1,329 @@
+//! `narx.json`: everything `narx run` needs to know about a model directory, and the only
+//! contract between export and run (like onnxruntime-genai's `genai_config.json`).
+//! Versioned: a manifest from a newer narx is refused with a message saying so.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::builder::{describe_io, DType, Dim};
+use crate::nar::ModelArgs;
+use crate::onnx::ModelProto;
+use crate::GraphError;
+
+/// The manifest file name inside a model directory.
+pub const MANIFEST_FILE: &str = "narx.json";
+/// The manifest format this narx writes and the newest it reads.
+pub const FORMAT_VERSION: u32 = 1;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Family {
+    #[serde(rename = "nar-c2i")]
+    NarC2i,
+    #[serde(rename = "nar-t2i")]
+    NarT2i,
+    #[serde(rename = "nar-video")]
+    NarVideo,
+}
+
+impl std::fmt::Display for Family {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Family::NarC2i => "nar-c2i",
+            Family::NarT2i => "nar-t2i",
+            Family::NarVideo => "nar-video",
+        })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub format_version: u32,
+    /// The narx that wrote it.
+    pub producer: String,
+    pub family: Family,
+    /// Upstream `ModelArgs`.
+    pub config: ModelArgs,
+    /// Latent grid: `[rows, cols]` (image) or `[T, H, W]` (video).
+    pub grid: Vec<usize>,
+    pub vocab_size: usize,
+    /// Precision of weights and matmuls.
+    pub dtype: DType,
+    pub parameters: usize,
+    pub condition: Condition,
+    /// Dimension heads, in the order the prefill averages them.
+    pub heads: Vec<Head>,
+    pub graphs: Graphs,
+    pub weights: WeightsFile,
+    pub kv_cache: KvCache,
+    pub sampling: SamplingDefaults,
+    /// Per graph, per dynamic input: the shapes TensorRT should optimise for.
+    pub tensorrt_profiles: BTreeMap<String, BTreeMap<String, ShapeProfile>>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum Condition {
+    /// Class labels `0..num_classes`; `null_class` (if any) is the unconditional row.
+    Class {
+        num_classes: usize,
+        null_class: Option<usize>,
+    },
+    /// Caption features `(tokens, dim)` with a 0/1 mask; the null caption is in the weights.
+    Caption { tokens: usize, dim: usize },
+}
+
+/// A head predicts the neighbour at +1 along `axis` of the grid.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Head {
+    pub name: String,
+    /// The graph output holding its logits, `(batch, width, vocab)`.
+    pub output: String,
+    pub axis: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Graphs {
+    pub prefill: GraphFile,
+    pub step: GraphFile,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GraphFile {
+    pub file: String,
+    pub bytes: u64,
+    pub inputs: Vec<TensorDesc>,
+    pub outputs: Vec<TensorDesc>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TensorDesc {
+    pub name: String,
+    pub dtype: DType,
+    /// Fixed sizes and symbolic names (`batch`, `width`, `past`, `past+width`).
+    pub shape: Vec<Dim>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WeightsFile {
+    /// ONNX external-data file shared by the graphs.
+    pub file: String,
+    pub bytes: u64,
+}
+
+/// How the KV cache travels between calls (see `nar` module docs).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KvCache {
+    /// `append`: each call's `present.*` = `past.*` + this call's keys, in generation order.
+    pub layout: String,
+    pub layers: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub dtype: DType,
+    /// Most positions a generation holds (condition + grid), rounded up to 8 as upstream.
+    pub capacity: usize,
+    /// Name patterns with `{layer}`.
+    pub past_key: String,
+    pub past_value: String,
+    pub present_key: String,
+    pub present_value: String,
+    pub past_key_bias: String,
+    pub present_key_bias: String,
+}
+
+impl KvCache {
+    pub fn name(pattern: &str, layer: usize) -> String {
+        pattern.replace("{layer}", &layer.to_string())
+    }
+}
+
+/// Upstream sample-script defaults, overridable per run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SamplingDefaults {
+    pub cfg_scale: f32,
+    pub cfg_interval: i64,
+    pub temperature: f32,
+    pub top_k: usize,
+    pub top_p: f32,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShapeProfile {
+    pub min: Vec<usize>,
+    pub opt: Vec<usize>,
+    pub max: Vec<usize>,
+}
+
+impl GraphFile {
+    /// Describes a built graph's inputs and outputs for the manifest.
+    pub fn describe(file: &str, bytes: u64, model: &ModelProto) -> Result<Self, GraphError> {
+        let graph = model
+            .graph
+            .as_ref()
+            .ok_or_else(|| GraphError::Invalid(format!("{file}: model has no graph")))?;
+        let describe = |infos: &[crate::onnx::ValueInfoProto]| {
+            infos
+                .iter()
+                .map(|info| {
+                    let name = info.name.clone().unwrap_or_default();
+                    let (dtype, shape) = describe_io(info).ok_or_else(|| {
+                        GraphError::Invalid(format!("{file}: {name} has no tensor type"))
+                    })?;
+                    Ok(TensorDesc { name, dtype, shape })
+                })
+                .collect::<Result<Vec<_>, GraphError>>()
+        };
+        Ok(GraphFile {
+            file: file.to_string(),
+            bytes,
+            inputs: describe(&graph.input)?,
+            outputs: describe(&graph.output)?,
+        })
+    }
+
+    /// TensorRT profiles for the inputs with symbolic dims; `ranges` gives (min, opt, max)
+    /// for each symbol.
+    pub fn profiles(
+        &self,
+        ranges: &BTreeMap<&str, (usize, usize, usize)>,
+    ) -> Result<BTreeMap<String, ShapeProfile>, GraphError> {
+        let mut out = BTreeMap::new();
+        for input in &self.inputs {
+            if input.shape.iter().all(|d| matches!(d, Dim::Fixed(_))) {
+                continue;
+            }
+            let mut profile = ShapeProfile {
+                min: vec![],
+                opt: vec![],
+                max: vec![],
+            };
+            for dim in &input.shape {
+                let (lo, mid, hi) = match dim {
+                    Dim::Fixed(n) => (*n, *n, *n),
+                    Dim::Named(s) => *ranges.get(s.as_str()).ok_or_else(|| {
+                        GraphError::Invalid(format!("no profile range for dimension {s}"))
+                    })?,
+                };
+                profile.min.push(lo);
+                profile.opt.push(mid);
+                profile.max.push(hi);
+            }
+            out.insert(input.name.clone(), profile);
+        }
+        Ok(out)
+    }
+}
+
+impl Manifest {
+    pub fn path(dir: &Path) -> PathBuf {
+        dir.join(MANIFEST_FILE)
+    }
+
+    /// Writes `dir/narx.json`.
+    pub fn save(&self, dir: &Path) -> Result<(), GraphError> {
+        let path = Self::path(dir);
+        let text = serde_json::to_string_pretty(self).map_err(|e| GraphError::Manifest {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        std::fs::write(&path, text + "\n").map_err(|e| GraphError::io(&path, e))
+    }
+
+    /// Reads and checks `dir/narx.json`.
+    pub fn load(dir: &Path) -> Result<Self, GraphError> {
+        let path = Self::path(dir);
+        let bad = |message: String| GraphError::Manifest {
+            path: path.display().to_string(),
+            message,
+        };
+        if !dir.is_dir() {
+            return Err(bad(format!(
+                "{} is not a model directory (run `narx export` to make one)",
+                dir.display()
+            )));
+        }
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                bad("missing: this directory was not written by `narx export`".into())
+            } else {
+                GraphError::io(&path, e)
+            }
+        })?;
+        let value: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+        let version = value
+            .get("format_version")
+            .and_then(|v| v.as_u64())
+            .ok_or_else(|| bad("no format_version".into()))?;
+        if version > FORMAT_VERSION as u64 {
+            return Err(bad(format!(
+                "format version {version} is newer than this narx reads ({FORMAT_VERSION}); \
+                 upgrade narx or re-export the model"
+            )));
+        }
+        if version == 0 {
+            return Err(bad("format version 0 is not valid".into()));
+        }
+        let manifest: Manifest =
+            serde_json::from_value(value).map_err(|e| bad(format!("malformed: {e}")))?;
+        manifest.check(dir).map_err(bad)?;
+        Ok(manifest)
+    }
+
+    /// Consistency a hand-edited or truncated directory could break.
+    fn check(&self, dir: &Path) -> Result<(), String> {
+        if self.grid.is_empty() || self.grid.contains(&0) {
+            return Err(format!("grid {:?} is empty", self.grid));
+        }
+        if self.heads.is_empty() {
+            return Err("no heads".into());
+        }
+        for head in &self.heads {
+            if head.axis >= self.grid.len() {
+                return Err(format!(
+                    "head {} predicts along axis {} of a {}-D grid",
+                    head.name,
+                    head.axis,
+                    self.grid.len()
+                ));
+            }
+        }
+        for file in [
+            &self.graphs.prefill.file,
+            &self.graphs.step.file,
+            &self.weights.file,
+        ] {
+            if file.contains('/') || file.contains('\\') || file.starts_with('.') {
+                return Err(format!("file name {file:?} must be a plain name"));
+            }
+            let path = dir.join(file);
+            if !path.is_file() {
+                return Err(format!("{file} is missing from the model directory"));
+            }
+        }
+        let weights = dir.join(&self.weights.file);
+        let actual = std::fs::metadata(&weights).map(|m| m.len()).unwrap_or(0);
+        if actual != self.weights.bytes {
+            return Err(format!(
+                "{} has {actual} bytes, the manifest says {} (truncated or replaced?)",
+                self.weights.file, self.weights.bytes
+            ));
+        }
+        Ok(())
+    }
+
+    /// The graph input description named `name`, if the graph has it.
+    pub fn input<'a>(graph: &'a GraphFile, name: &str) -> Option<&'a TensorDesc> {
+        graph.inputs.iter().find(|d| d.name == name)
+    }
+}

@@ -1,0 +1,422 @@
+//! The NAR transformer, top to bottom: embeddings, blocks (norm → attention → norm → FFN),
+//! heads. Each method emits the nodes of one piece under a readable scope.
+
+use super::{rotary_table, NarSpec, ParamSource};
+use crate::builder::{ConstData, DType, GraphBuilder, Value};
+use crate::GraphError;
+
+/// Per-layer K and V values.
+pub type KeyValue = (Value, Value);
+
+/// What the block stack hands to the heads, plus each block's grown cache.
+pub struct StackOutputs {
+    /// Trunk output (after block `n_layer − 1`): input of the right head.
+    pub right_input: Value,
+    /// Extra block output (after block `n_layer`): input of the down head.
+    pub down_input: Value,
+    pub present: Vec<KeyValue>,
+}
+
+pub struct Model<'a> {
+    spec: &'a NarSpec,
+    params: &'a dyn ParamSource,
+}
+
+impl<'a> Model<'a> {
+    pub fn new(spec: &'a NarSpec, params: &'a dyn ParamSource) -> Self {
+        Model { spec, params }
+    }
+
+    fn dtype(&self) -> DType {
+        self.spec.dtype
+    }
+
+    /// Checkpoint data in the model dtype, optionally transposed from `(rows, cols)`.
+    fn data(&self, name: &str, transpose: Option<(usize, usize)>) -> Result<ConstData, GraphError> {
+        let mut values = self.params.read_f32(name)?;
+        if let Some((rows, cols)) = transpose {
+            if values.len() != rows * cols {
+                return Err(GraphError::Invalid(format!(
+                    "{name}: {} values for ({rows}, {cols})",
+                    values.len()
+                )));
+            }
+            let mut t = vec![0f32; values.len()];
+            for r in 0..rows {
+                for c in 0..cols {
+                    t[c * rows + r] = values[r * cols + c];
+                }
+            }
+            values = t;
+        }
+        Ok(match self.dtype() {
+            DType::F16 => ConstData::F16(values.into_iter().map(half::f16::from_f32).collect()),
+            _ => ConstData::F32(values),
+        })
+    }
+
+    /// A checkpoint tensor stored as is.
+    fn param(&self, b: &mut GraphBuilder, name: &str, dims: &[usize]) -> Result<Value, GraphError> {
+        b.weight(name, self.dtype(), dims, || self.data(name, None))
+    }
+
+    /// `y = x Wᵀ` for an upstream `Linear(in → out)` weight `(out, in)`, stored transposed
+    /// (`name.T`, `(in, out)`) so the graph needs a plain MatMul.
+    fn linear(
+        &self,
+        b: &mut GraphBuilder,
+        x: Value,
+        name: &str,
+        inputs: usize,
+        outputs: usize,
+    ) -> Result<Value, GraphError> {
+        let w = b.weight(
+            &format!("{name}.T"),
+            self.dtype(),
+            &[inputs, outputs],
+            || self.data(name, Some((outputs, inputs))),
+        )?;
+        b.matmul(x, w)
+    }
+
+    /// RMSNorm as upstream: normalise in float32, round to the model dtype, then scale.
+    ///
+    /// ```text
+    /// x ─Cast(f32)─┬─Mul(x,x)─ReduceMean─Add(eps)─Sqrt─Reciprocal─┐
+    ///              └──────────────────────────────────────────────Mul─Cast(dtype)─Mul(weight)
+    /// ```
+    fn rms_norm(&self, b: &mut GraphBuilder, x: Value, weight: &str) -> Result<Value, GraphError> {
+        let d = self.spec.args.dim;
+        let eps = self.spec.args.norm_eps as f32;
+        b.scoped(weight.trim_end_matches(".weight"), |b| {
+            let x32 = b.cast(x, DType::F32)?;
+            let square = b.mul(x32, x32)?;
+            let mean = b.reduce_mean(square, &[-1])?;
+            let eps = b.scalar(eps, DType::F32)?;
+            let var = b.add(mean, eps)?;
+            let root = b.sqrt(var)?;
+            let inv = b.reciprocal(root)?;
+            let normed = b.mul(x32, inv)?;
+            let normed = b.cast(normed, self.dtype())?;
+            let w = self.param(b, weight, &[d])?;
+            b.mul(normed, w)
+        })
+    }
+
+    /// Class labels `(B,)` → `(B, 1, D)`; label `num_classes` is the null class.
+    pub fn class_embedding(
+        &self,
+        b: &mut GraphBuilder,
+        labels: Value,
+    ) -> Result<Value, GraphError> {
+        let rows = self.spec.args.class_rows();
+        let d = self.spec.args.dim;
+        b.scoped("cls_embedding", |b| {
+            let table = self.param(b, "cls_embedding.embedding_table.weight", &[rows, d])?;
+            let e = b.gather(table, labels)?;
+            b.unsqueeze(e, &[1])
+        })
+    }
+
+    /// Caption features `(B, C, caption_dim)` → `(B, C, D)` through the bias-free tanh-GELU MLP;
+    /// rows whose `null` flag is set use the learned unconditional caption instead.
+    ///
+    /// ```text
+    /// Where(null, uncond_embedding, features) ─fc1─GELU(tanh)─fc2─▶
+    /// ```
+    pub fn caption_embedding(
+        &self,
+        b: &mut GraphBuilder,
+        features: Value,
+        null: Value,
+    ) -> Result<Value, GraphError> {
+        let args = &self.spec.args;
+        let (c, cd, d) = (args.cls_token_num, args.caption_dim, args.dim);
+        b.scoped("cls_embedding", |b| {
+            let features = b.cast(features, self.dtype())?;
+            let uncond = self.param(b, "cls_embedding.uncond_embedding", &[c, cd])?;
+            let null = b.unsqueeze(null, &[1, 2])?;
+            let x = b.select(null, uncond, features)?;
+            let h = self.linear(b, x, "cls_embedding.cap_proj.fc1.weight", cd, d)?;
+            let h = b.scoped("gelu", |b| gelu_tanh(b, h))?;
+            self.linear(b, h, "cls_embedding.cap_proj.fc2.weight", d, d)
+        })
+    }
+
+    /// Image tokens `(B, S)` → `(B, S, D)`.
+    pub fn token_embedding(
+        &self,
+        b: &mut GraphBuilder,
+        tokens: Value,
+    ) -> Result<Value, GraphError> {
+        let (v, d) = (self.spec.args.vocab_size, self.spec.args.dim);
+        b.scoped("tok_embeddings", |b| {
+            let table = self.param(b, "tok_embeddings.weight", &[v, d])?;
+            b.gather(table, tokens)
+        })
+    }
+
+    /// Visible/hidden (bool) → additive bias (0 / −∞), float32.
+    pub fn bias_from_visibility(
+        &self,
+        b: &mut GraphBuilder,
+        visible: Value,
+    ) -> Result<Value, GraphError> {
+        let zero = b.scalar(0.0, DType::F32)?;
+        let hidden = b.scalar(f32::NEG_INFINITY, DType::F32)?;
+        b.select(visible, zero, hidden)
+    }
+
+    /// The prefill's condition mask (NAR-SPEC §3.2–3.3): causal, AND the caption mask for
+    /// captions, then the diagonal forced visible (the identity quirk that gives padding
+    /// tokens a self-only row).
+    pub fn prefill_bias(
+        &self,
+        b: &mut GraphBuilder,
+        key_visible: Option<Value>,
+    ) -> Result<Value, GraphError> {
+        let c = self.spec.condition_len();
+        let causal: Vec<bool> = (0..c * c).map(|i| i % c <= i / c).collect();
+        let causal = b.constant(ConstData::Bool(causal), &[c, c])?;
+        let visible = match key_visible {
+            None => causal,
+            Some(keys) => {
+                let keys = b.unsqueeze(keys, &[1, 2])?;
+                let allowed = b.and(causal, keys)?;
+                let eye: Vec<bool> = (0..c * c).map(|i| i % c == i / c).collect();
+                let eye = b.constant(ConstData::Bool(eye), &[c, c])?;
+                b.or(allowed, eye)?
+            }
+        };
+        self.bias_from_visibility(b, visible)
+    }
+
+    /// All blocks over `x (B, S, D)` at absolute `positions (S,)`.
+    pub fn forward(
+        &self,
+        b: &mut GraphBuilder,
+        x: Value,
+        positions: Value,
+        attention_bias: Value,
+        past: Option<&[KeyValue]>,
+    ) -> Result<StackOutputs, GraphError> {
+        let rotary = b.scoped("rotary", |b| self.rotary(b, positions))?;
+        let n_layer = self.spec.args.n_layer;
+        let mut h = x;
+        let mut present = Vec::new();
+        let mut right_input = None;
+        for i in 0..self.spec.args.blocks() {
+            if i == n_layer {
+                right_input = Some(h);
+            }
+            let past_kv = past.map(|p| p[i]);
+            let (out, kv) = b.scoped(&format!("layers.{i}"), |b| {
+                self.block(b, i, h, rotary, attention_bias, past_kv)
+            })?;
+            h = out;
+            present.push(kv);
+        }
+        let right_input =
+            right_input.ok_or_else(|| GraphError::Invalid("no trunk blocks".into()))?;
+        Ok(StackOutputs {
+            right_input,
+            down_input: h,
+            present,
+        })
+    }
+
+    /// Cosines and sines for `positions`, shaped `(1, S, 1, d/2, 1)` to broadcast over
+    /// `(B, S, heads, d/2, 2)`.
+    fn rotary(&self, b: &mut GraphBuilder, positions: Value) -> Result<(Value, Value), GraphError> {
+        let (cos, sin, dims) = rotary_table(self.spec);
+        let half = dims[1] as i64;
+        let mut pick = |table: ConstData| -> Result<Value, GraphError> {
+            let table = b.constant(table, &dims)?;
+            let rows = b.gather(table, positions)?;
+            b.reshape(rows, &[1, -1, 1, half, 1])
+        };
+        Ok((pick(cos)?, pick(sin)?))
+    }
+
+    /// Rotates interleaved pairs of `x (B, S, heads, d)` in float32 (NAR-SPEC §1.7).
+    ///
+    /// ```text
+    /// x ─Cast(f32)─Reshape(.., d/2, 2)─┬─x0─┐  x0'= x0·cos − x1·sin
+    ///                                  └─x1─┴─ x1'= x1·cos + x0·sin ─Concat─Reshape─Cast─▶
+    /// ```
+    fn rotate(
+        &self,
+        b: &mut GraphBuilder,
+        x: Value,
+        rotary: (Value, Value),
+    ) -> Result<Value, GraphError> {
+        let (cos, sin) = rotary;
+        let x = b.cast(x, DType::F32)?;
+        let pairs = b.reshape(x, &[0, 0, 0, -1, 2])?;
+        let x0 = b.slice(pairs, 4, 0, 1)?;
+        let x1 = b.slice(pairs, 4, 1, 2)?;
+        let x0c = b.mul(x0, cos)?;
+        let x1s = b.mul(x1, sin)?;
+        let first = b.sub(x0c, x1s)?;
+        let x1c = b.mul(x1, cos)?;
+        let x0s = b.mul(x0, sin)?;
+        let second = b.add(x1c, x0s)?;
+        let rotated = b.concat(&[first, second], 4)?;
+        let rotated = b.reshape(rotated, &[0, 0, 0, -1])?;
+        b.cast(rotated, self.dtype())
+    }
+
+    /// `u = x + Attn(RMSNorm(x))`, `y = u + FFN(RMSNorm(u))`.
+    fn block(
+        &self,
+        b: &mut GraphBuilder,
+        layer: usize,
+        x: Value,
+        rotary: (Value, Value),
+        attention_bias: Value,
+        past: Option<KeyValue>,
+    ) -> Result<(Value, KeyValue), GraphError> {
+        let p = |s: &str| format!("layers.{layer}.{s}");
+        let normed = self.rms_norm(b, x, &p("attention_norm.weight"))?;
+        let (attended, kv) = b.scoped("attn", |b| {
+            self.attention(b, layer, normed, rotary, attention_bias, past)
+        })?;
+        let u = b.add(x, attended)?;
+        let normed = self.rms_norm(b, u, &p("ffn_norm.weight"))?;
+        let ffn = b.scoped("ffn", |b| self.feed_forward(b, layer, normed))?;
+        Ok((b.add(u, ffn)?, kv))
+    }
+
+    /// Fused-QKV attention with the cache appended (module docs), grouped-query capable.
+    ///
+    /// ```text
+    /// x ─wqkv─Split─┬─Q─Reshape─rotate─Transpose──────────────────────┐
+    ///               ├─K─Reshape─rotate─Transpose─Concat(past K)─[repeat]┴─QKᵀ/√d + bias─Softmax─┐
+    ///               └─V─Reshape────────Transpose─Concat(past V)─[repeat]─────────────────────MatMul─wo─▶
+    /// ```
+    fn attention(
+        &self,
+        b: &mut GraphBuilder,
+        layer: usize,
+        x: Value,
+        rotary: (Value, Value),
+        attention_bias: Value,
+        past: Option<KeyValue>,
+    ) -> Result<(Value, KeyValue), GraphError> {
+        let args = &self.spec.args;
+        let (d, h, kv, hd) = (args.dim, args.n_head, args.kv_heads(), args.head_dim());
+        let qkv_width = (h + 2 * kv) * hd;
+        let qkv = self.linear(
+            b,
+            x,
+            &format!("layers.{layer}.attention.wqkv.weight"),
+            d,
+            qkv_width,
+        )?;
+        let parts = b.split(
+            qkv,
+            -1,
+            &[(h * hd) as i64, (kv * hd) as i64, (kv * hd) as i64],
+        )?;
+        let q = b.reshape(parts[0], &[0, 0, h as i64, hd as i64])?;
+        let k = b.reshape(parts[1], &[0, 0, kv as i64, hd as i64])?;
+        let v = b.reshape(parts[2], &[0, 0, kv as i64, hd as i64])?;
+        let q = b.scoped("rotary_q", |b| self.rotate(b, q, rotary))?;
+        let k = b.scoped("rotary_k", |b| self.rotate(b, k, rotary))?;
+        let q = b.transpose(q, &[0, 2, 1, 3])?;
+        let k = b.transpose(k, &[0, 2, 1, 3])?;
+        let v = b.transpose(v, &[0, 2, 1, 3])?;
+        let (k, v) = match past {
+            Some((pk, pv)) => (b.concat(&[pk, k], 2)?, b.concat(&[pv, v], 2)?),
+            None => (k, v),
+        };
+        let (k_all, v_all) = if kv < h {
+            (self.repeat_kv(b, k)?, self.repeat_kv(b, v)?)
+        } else {
+            (k, v)
+        };
+        // Scores, softmax and the weighted sum in float32, as upstream's MATH backend.
+        let q = b.cast(q, DType::F32)?;
+        let scale = b.scalar(1.0 / (hd as f32).sqrt(), DType::F32)?;
+        let q = b.mul(q, scale)?;
+        let k_all = b.cast(k_all, DType::F32)?;
+        let kt = b.transpose(k_all, &[0, 1, 3, 2])?;
+        let scores = b.matmul(q, kt)?;
+        let scores = b.add(scores, attention_bias)?;
+        let probs = b.softmax(scores, -1)?;
+        let v_all = b.cast(v_all, DType::F32)?;
+        let out = b.matmul(probs, v_all)?;
+        let out = b.cast(out, self.dtype())?;
+        let out = b.transpose(out, &[0, 2, 1, 3])?;
+        let out = b.reshape(out, &[0, 0, d as i64])?;
+        let out = self.linear(b, out, &format!("layers.{layer}.attention.wo.weight"), d, d)?;
+        Ok((out, (k, v)))
+    }
+
+    /// `(B, kv, T, d)` → `(B, heads, T, d)`, each kv head repeated for its query group
+    /// (upstream's `repeat_interleave`).
+    fn repeat_kv(&self, b: &mut GraphBuilder, x: Value) -> Result<Value, GraphError> {
+        let args = &self.spec.args;
+        let group = (args.n_head / args.kv_heads()) as i64;
+        let x = b.unsqueeze(x, &[2])?;
+        let shape = b.const_i64(&[1, 1, group, 1, 1])?;
+        let x = b.node1("Expand", &[x, shape], &[], x.dtype())?;
+        b.reshape(x, &[0, args.n_head as i64, -1, args.head_dim() as i64])
+    }
+
+    /// SwiGLU: `w2(silu(w1 x) ⊙ w3 x)`.
+    fn feed_forward(
+        &self,
+        b: &mut GraphBuilder,
+        layer: usize,
+        x: Value,
+    ) -> Result<Value, GraphError> {
+        let (d, f) = (self.spec.args.dim, self.spec.args.ffn_hidden());
+        let p = |s: &str| format!("layers.{layer}.feed_forward.{s}.weight");
+        let gate = self.linear(b, x, &p("w1"), d, f)?;
+        let sig = b.sigmoid(gate)?;
+        let gate = b.mul(gate, sig)?;
+        let up = self.linear(b, x, &p("w3"), d, f)?;
+        let hidden = b.mul(gate, up)?;
+        self.linear(b, hidden, &p("w2"), f, d)
+    }
+
+    /// Both heads, float32 logits: right from the trunk, down from the extra block.
+    pub fn heads(
+        &self,
+        b: &mut GraphBuilder,
+        right_input: Value,
+        down_input: Value,
+    ) -> Result<(Value, Value), GraphError> {
+        let (d, v) = (self.spec.args.dim, self.spec.args.vocab_size);
+        let right = b.scoped("head_right", |b| {
+            let x = self.rms_norm(b, right_input, "norm.weight")?;
+            let logits = self.linear(b, x, "output.weight", d, v)?;
+            b.cast(logits, DType::F32)
+        })?;
+        let down = b.scoped("head_down", |b| {
+            let x = self.rms_norm(b, down_input, "medusa_norm.weight")?;
+            let logits = self.linear(b, x, "medusa_output.weight", d, v)?;
+            b.cast(logits, DType::F32)
+        })?;
+        Ok((right, down))
+    }
+}
+
+/// `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`, in the dtype of `x`.
+fn gelu_tanh(b: &mut GraphBuilder, x: Value) -> Result<Value, GraphError> {
+    let dt = x.dtype();
+    let x2 = b.mul(x, x)?;
+    let x3 = b.mul(x2, x)?;
+    let coeff = b.scalar(0.044715, dt)?;
+    let cubic = b.mul(x3, coeff)?;
+    let inner = b.add(x, cubic)?;
+    let sqrt_2_over_pi = b.scalar((2.0f64 / std::f64::consts::PI).sqrt() as f32, dt)?;
+    let inner = b.mul(inner, sqrt_2_over_pi)?;
+    let t = b.tanh(inner)?;
+    let one = b.scalar(1.0, dt)?;
+    let t = b.add(t, one)?;
+    let half = b.scalar(0.5, dt)?;
+    let hx = b.mul(x, half)?;
+    b.mul(hx, t)
+}

@@ -1,0 +1,313 @@
+//! The NAR image model (c2i and t2i) as two ONNX graphs: `prefill` and `step`.
+//!
+//! # How the KV cache enters and leaves the graphs
+//!
+//! The cache is carried *in generation order* as plain graph inputs and outputs:
+//!
+//! ```text
+//!   prefill(condition)                  -> logits, present.{i}.{key,value}, present_key_bias
+//!   step(tokens, positions, past.*)     -> logits, present.{i}.{key,value}, present_key_bias
+//!                                          present = Concat(past, this call's K/V)
+//! ```
+//!
+//! Upstream keeps a cache of fixed length laid out by raster position and masks it with the
+//! proximity mask. Attention does not care where a key sits, only whether it is visible, and
+//! NAR's mask has a property that makes the raster layout unnecessary: a query on wavefront
+//! `t` sees every condition token and every image token of wavefronts `0..=t` — which is
+//! exactly everything fed so far. So narx appends each call's keys and values, and the only
+//! mask left is which *condition* keys are visible (t2i caption padding). That mask rides
+//! along with the cache as `present_key_bias` (0 or −∞ per cached key), so the runtime builds
+//! no masks and the graphs need no mask of full length as input.
+//!
+//! Why this shape: it is standard ONNX (Concat, no Scatter), ONNX Runtime and tract run it
+//! as is, each call's attention costs what has been generated rather than the full capacity,
+//! and under CUDA/TensorRT the `present.*` outputs can be bound to device memory and fed back
+//! as the next call's `past.*` without a host round trip. The condition tokens have zero
+//! rotary rows (NAR-SPEC §1.7), so their keys are zero vectors and image queries score them
+//! 0; that is kept exactly by rotating with the same table upstream builds.
+//!
+//! Prefill and step are separate graphs because they embed different inputs (a condition vs.
+//! image tokens) and the prefill has no past; both reference one external weight file, so
+//! every weight is stored once.
+
+mod config;
+mod layers;
+
+pub use config::{ConditionKind, ModelArgs};
+
+use crate::builder::{ConstData, DType, Dim, GraphBuilder, Value};
+use crate::onnx::ModelProto;
+use crate::weights::WeightStore;
+use crate::GraphError;
+
+/// Graph input and output names: the contract between export and run (also in the manifest).
+pub mod names {
+    pub const CLASS_LABELS: &str = "class_labels";
+    pub const CAPTION_EMBEDDINGS: &str = "caption_embeddings";
+    pub const CAPTION_MASK: &str = "caption_mask";
+    pub const NULL_CAPTION: &str = "null_caption";
+    pub const TOKENS: &str = "tokens";
+    pub const POSITIONS: &str = "positions";
+    pub const PAST_KEY_BIAS: &str = "past_key_bias";
+    pub const PRESENT_KEY_BIAS: &str = "present_key_bias";
+    pub const LOGITS_RIGHT: &str = "logits_right";
+    pub const LOGITS_DOWN: &str = "logits_down";
+
+    pub fn past_key(layer: usize) -> String {
+        format!("past.{layer}.key")
+    }
+    pub fn past_value(layer: usize) -> String {
+        format!("past.{layer}.value")
+    }
+    pub fn present_key(layer: usize) -> String {
+        format!("present.{layer}.key")
+    }
+    pub fn present_value(layer: usize) -> String {
+        format!("present.{layer}.value")
+    }
+}
+
+/// Symbolic dimension names.
+pub mod dims {
+    pub const BATCH: &str = "batch";
+    pub const WIDTH: &str = "width";
+    pub const PAST: &str = "past";
+    /// `past + width`: computed by the graph, written to ONNX as an unnamed dimension.
+    pub const TOTAL: &str = "past+width";
+}
+
+/// Reads a checkpoint tensor as float32, by upstream name. Export implements it over the
+/// checkpoint readers; shapes are checked before the graphs are built.
+pub trait ParamSource {
+    fn read_f32(&self, name: &str) -> Result<Vec<f32>, GraphError>;
+}
+
+/// What to build: the model, its grid side and the precision of weights and matmuls.
+#[derive(Clone, Debug)]
+pub struct NarSpec {
+    pub args: ModelArgs,
+    pub grid: usize,
+    /// F32, or F16 (weights and matmuls; norms, softmax, rotary and logits stay float32).
+    pub dtype: DType,
+}
+
+impl NarSpec {
+    pub fn new(args: ModelArgs, grid: usize, dtype: DType) -> Result<Self, GraphError> {
+        args.validate()?;
+        if grid == 0 {
+            return Err(GraphError::Config("grid must be at least 1".into()));
+        }
+        if !dtype.is_float() {
+            return Err(GraphError::Config(format!(
+                "{dtype:?} is not a model dtype"
+            )));
+        }
+        Ok(NarSpec { args, grid, dtype })
+    }
+
+    /// Condition positions `C`.
+    pub fn condition_len(&self) -> usize {
+        self.args.cls_token_num
+    }
+
+    /// Upstream's cache length `find_multiple(C + n², 8)`: the most positions a generation uses,
+    /// rounded as upstream allocates.
+    pub fn cache_capacity(&self) -> usize {
+        (self.condition_len() + self.grid * self.grid).div_ceil(8) * 8
+    }
+}
+
+/// The two graphs of a NAR image model.
+pub struct NarGraphs {
+    pub prefill: ModelProto,
+    pub step: ModelProto,
+}
+
+/// Builds both graphs; weights go to `store` once.
+pub fn build(
+    spec: &NarSpec,
+    params: &dyn ParamSource,
+    store: &mut WeightStore,
+) -> Result<NarGraphs, GraphError> {
+    let prefill = build_prefill(spec, params, store)?;
+    let step = build_step(spec, params, store)?;
+    Ok(NarGraphs { prefill, step })
+}
+
+fn batch_dims(rest: &[Dim]) -> Vec<Dim> {
+    let mut d = vec![Dim::named(dims::BATCH)];
+    d.extend_from_slice(rest);
+    d
+}
+
+fn cache_dims(spec: &NarSpec, len: Dim) -> Vec<Dim> {
+    batch_dims(&[
+        Dim::Fixed(spec.args.kv_heads()),
+        len,
+        Dim::Fixed(spec.args.head_dim()),
+    ])
+}
+
+/// Condition → cache of the condition positions and the logits for cell (0, 0).
+fn build_prefill(
+    spec: &NarSpec,
+    params: &dyn ParamSource,
+    store: &mut WeightStore,
+) -> Result<ModelProto, GraphError> {
+    let mut b = GraphBuilder::new("nar_prefill", store);
+    let m = layers::Model::new(spec, params);
+    let c = spec.condition_len();
+    // The embeddings, which condition keys later queries may see (t2i only), and the
+    // key bias that starts the cache.
+    let (embeddings, key_visible, key_bias) = match spec.args.condition() {
+        ConditionKind::Class => {
+            let labels = b.input(names::CLASS_LABELS, DType::I64, &batch_dims(&[]));
+            let e = m.class_embedding(&mut b, labels)?;
+            let zeros = b.zeros_like(labels, DType::F32)?;
+            let key_bias = b.unsqueeze(zeros, &[1])?;
+            (e, None, key_bias)
+        }
+        ConditionKind::Caption => {
+            let cd = spec.args.caption_dim;
+            let features = b.input(
+                names::CAPTION_EMBEDDINGS,
+                DType::F32,
+                &batch_dims(&[Dim::Fixed(c), Dim::Fixed(cd)]),
+            );
+            let mask = b.input(
+                names::CAPTION_MASK,
+                DType::F32,
+                &batch_dims(&[Dim::Fixed(c)]),
+            );
+            let null = b.input(names::NULL_CAPTION, DType::Bool, &batch_dims(&[]));
+            let e = m.caption_embedding(&mut b, features, null)?;
+            let half = b.scalar(0.5, DType::F32)?;
+            let visible = b.greater(mask, half)?;
+            let key_bias = m.bias_from_visibility(&mut b, visible)?;
+            (e, Some(visible), key_bias)
+        }
+    };
+    let attention_bias = b.scoped("mask", |b| m.prefill_bias(b, key_visible))?;
+    let positions: Vec<i64> = (0..c as i64).collect();
+    let positions = b.const_i64(&positions)?;
+    let outputs = m.forward(&mut b, embeddings, positions, attention_bias, None)?;
+    let last = |b: &mut GraphBuilder, v: Value| b.slice(v, 1, c as i64 - 1, c as i64);
+    let right = last(&mut b, outputs.right_input)?;
+    let down = last(&mut b, outputs.down_input)?;
+    let (right, down) = m.heads(&mut b, right, down)?;
+    let logit_dims = batch_dims(&[Dim::Fixed(1), Dim::Fixed(spec.args.vocab_size)]);
+    b.output(names::LOGITS_RIGHT, right, &logit_dims)?;
+    b.output(names::LOGITS_DOWN, down, &logit_dims)?;
+    b.output(
+        names::PRESENT_KEY_BIAS,
+        key_bias,
+        &batch_dims(&[Dim::Fixed(c)]),
+    )?;
+    for (i, (k, v)) in outputs.present.into_iter().enumerate() {
+        b.output(&names::present_key(i), k, &cache_dims(spec, Dim::Fixed(c)))?;
+        b.output(
+            &names::present_value(i),
+            v,
+            &cache_dims(spec, Dim::Fixed(c)),
+        )?;
+    }
+    Ok(b.finish())
+}
+
+/// One wavefront of image tokens + the cache so far → head logits and the grown cache.
+fn build_step(
+    spec: &NarSpec,
+    params: &dyn ParamSource,
+    store: &mut WeightStore,
+) -> Result<ModelProto, GraphError> {
+    let mut b = GraphBuilder::new("nar_step", store);
+    let m = layers::Model::new(spec, params);
+    let width = Dim::named(dims::WIDTH);
+    let past = Dim::named(dims::PAST);
+    let tokens = b.input(names::TOKENS, DType::I64, &batch_dims(&[width.clone()]));
+    let positions = b.input(names::POSITIONS, DType::I64, std::slice::from_ref(&width));
+    let past_bias = b.input(
+        names::PAST_KEY_BIAS,
+        DType::F32,
+        &batch_dims(std::slice::from_ref(&past)),
+    );
+    let mut past_kv = Vec::new();
+    for i in 0..spec.args.blocks() {
+        let k = b.input(
+            &names::past_key(i),
+            spec.dtype,
+            &cache_dims(spec, past.clone()),
+        );
+        let v = b.input(
+            &names::past_value(i),
+            spec.dtype,
+            &cache_dims(spec, past.clone()),
+        );
+        past_kv.push((k, v));
+    }
+    let embeddings = m.token_embedding(&mut b, tokens)?;
+    let (key_bias, attention_bias) = b.scoped("mask", |b| {
+        let new = b.zeros_like(tokens, DType::F32)?;
+        let key_bias = b.concat(&[past_bias, new], 1)?;
+        let attention_bias = b.unsqueeze(key_bias, &[1, 2])?;
+        Ok((key_bias, attention_bias))
+    })?;
+    let outputs = m.forward(
+        &mut b,
+        embeddings,
+        positions,
+        attention_bias,
+        Some(&past_kv),
+    )?;
+    let (right, down) = m.heads(&mut b, outputs.right_input, outputs.down_input)?;
+    let logit_dims = batch_dims(&[width, Dim::Fixed(spec.args.vocab_size)]);
+    b.output(names::LOGITS_RIGHT, right, &logit_dims)?;
+    b.output(names::LOGITS_DOWN, down, &logit_dims)?;
+    let total = Dim::named(dims::TOTAL);
+    b.output(
+        names::PRESENT_KEY_BIAS,
+        key_bias,
+        &batch_dims(std::slice::from_ref(&total)),
+    )?;
+    for (i, (k, v)) in outputs.present.into_iter().enumerate() {
+        b.output(&names::present_key(i), k, &cache_dims(spec, total.clone()))?;
+        b.output(
+            &names::present_value(i),
+            v,
+            &cache_dims(spec, total.clone()),
+        )?;
+    }
+    Ok(b.finish())
+}
+
+/// The 2-D rotary table of NAR-SPEC §1.7, `(C + n², d/2)` cosines and sines, with zero rows
+/// for the condition positions. Computed in float32 the way upstream computes it.
+pub fn rotary_table(spec: &NarSpec) -> (ConstData, ConstData, Vec<usize>) {
+    let d = spec.args.head_dim();
+    let half = d / 2;
+    let quarter = d / 4;
+    let base = spec.args.rope_base as f32;
+    let freqs: Vec<f32> = (0..quarter)
+        .map(|k| 1.0 / base.powf((2 * k) as f32 / half as f32))
+        .collect();
+    let n = spec.grid;
+    let c = spec.condition_len();
+    let rows = c + n * n;
+    let mut cos = vec![0f32; rows * half];
+    let mut sin = vec![0f32; rows * half];
+    for r in 0..n {
+        for col in 0..n {
+            let row = c + r * n + col;
+            for j in 0..half {
+                let angle = if j < quarter {
+                    r as f32 * freqs[j]
+                } else {
+                    col as f32 * freqs[j - quarter]
+                };
+                cos[row * half + j] = angle.cos();
+                sin[row * half + j] = angle.sin();
+            }
+        }
+    }
+    (ConstData::F32(cos), ConstData::F32(sin), vec![rows, half])
+}

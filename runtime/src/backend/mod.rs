@@ -1,0 +1,75 @@
+//! Inference backends. Each implements [`Engine`]: run one of a model's graphs on named
+//! inputs, with tensors that stay in the backend's own form between calls, so the KV cache
+//! is handed from one call's outputs to the next call's inputs without a host copy.
+//!
+//! - `tract`: embedded, pure Rust, always available.
+//! - `ort`: ONNX Runtime, loaded at run time from its shared library (CPU provider now).
+
+pub mod ort;
+pub mod tract;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::Path;
+
+use crate::RuntimeError;
+
+/// Which graph of a model directory to run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum GraphKind {
+    Prefill,
+    Step,
+}
+
+impl fmt::Display for GraphKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            GraphKind::Prefill => "prefill",
+            GraphKind::Step => "step",
+        })
+    }
+}
+
+/// A host tensor fed to a graph.
+#[derive(Clone, Debug, PartialEq)]
+pub enum HostTensor {
+    F32(Vec<usize>, Vec<f32>),
+    I64(Vec<usize>, Vec<i64>),
+    Bool(Vec<usize>, Vec<bool>),
+}
+
+impl HostTensor {
+    pub fn shape(&self) -> &[usize] {
+        match self {
+            HostTensor::F32(s, _) | HostTensor::I64(s, _) | HostTensor::Bool(s, _) => s,
+        }
+    }
+}
+
+/// A model's graphs loaded on one backend.
+pub trait Engine {
+    /// A tensor in the backend's own form (on its device, where it has one).
+    type Value;
+
+    /// The backend and provider, for messages (`tract`, `onnxruntime-cpu`).
+    fn name(&self) -> String;
+
+    /// Moves a host tensor into the backend.
+    fn upload(&self, tensor: HostTensor) -> Result<Self::Value, RuntimeError>;
+
+    /// Copies a float32 tensor to the host: its shape and data.
+    fn download_f32(&self, value: &Self::Value) -> Result<(Vec<usize>, Vec<f32>), RuntimeError>;
+
+    /// Runs `graph`; returns every graph output by name.
+    fn run(
+        &mut self,
+        graph: GraphKind,
+        inputs: Vec<(String, Self::Value)>,
+    ) -> Result<HashMap<String, Self::Value>, RuntimeError>;
+}
+
+/// Where the graph files of a model directory are, as the manifest names them.
+pub struct GraphPaths<'a> {
+    pub prefill: &'a Path,
+    pub step: &'a Path,
+}

@@ -1,0 +1,840 @@
+//! ONNX Runtime backend, CPU provider.
+//!
+//! The ONNX Runtime shared library is not linked at build time: it is found at run time
+//! ([`find_library`]) and loaded once per process ([`init`]), so one narx binary works with the
+//! ONNX Runtime a machine already has (a Python wheel, a JetPack install, a tarball) as long as it
+//! is 1.17 or newer (the `api-17` feature of `ort`).
+//!
+//! Tensors stay ONNX Runtime values ([`DynValue`]) between calls: the outputs of one
+//! [`Engine::run`] are owned values that can be fed straight back as inputs of the next.
+
+use std::collections::{HashMap, HashSet};
+use std::env;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use ort::environment::Environment;
+use ort::session::builder::GraphOptimizationLevel;
+use ort::session::Session;
+use ort::value::{DynValue, Tensor, TensorElementType, ValueType};
+
+use super::{Engine, GraphKind, GraphPaths, HostTensor};
+use crate::RuntimeError;
+
+/// Backend name used in error messages.
+const BACKEND: &str = "onnxruntime";
+
+/// How to load ONNX Runtime.
+#[derive(Clone, Debug, Default)]
+pub struct OrtOptions {
+    /// The shared library (`--ort-lib`); `None` searches for it (see [`find_library`]).
+    pub library: Option<PathBuf>,
+    /// Intra-op threads per session; `None` lets ONNX Runtime decide (one per physical core).
+    pub intra_threads: Option<usize>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Finding the library
+// ---------------------------------------------------------------------------------------------
+
+/// Finds the ONNX Runtime shared library.
+///
+/// Order: `explicit` (`--ort-lib`), then the `ORT_DYLIB_PATH` environment variable, then the
+/// usual places: each folder of `LD_LIBRARY_PATH`, `/usr/local/lib`, `/usr/lib`,
+/// `/usr/lib/{x86_64,aarch64}-linux-gnu`, and the `onnxruntime/capi/` folder of Python wheels
+/// (an active `$VIRTUAL_ENV` or `$CONDA_PREFIX` first, then the newest library among the user,
+/// system and pyenv site-packages). `explicit` and `ORT_DYLIB_PATH` may name the library or a
+/// folder holding it; if what they name is missing that is an error, not a reason to look
+/// elsewhere, so a typo never silently loads another library.
+pub fn find_library(explicit: Option<&Path>) -> Result<PathBuf, RuntimeError> {
+    if let Some(path) = explicit {
+        return given_library(path, "--ort-lib");
+    }
+    if let Some(value) = env::var_os("ORT_DYLIB_PATH").filter(|v| !v.is_empty()) {
+        return given_library(Path::new(&value), "ORT_DYLIB_PATH");
+    }
+    for dir in system_dirs() {
+        if let Some(found) = library_in_dir(&dir) {
+            return Ok(found);
+        }
+    }
+    for dir in active_env_wheel_dirs() {
+        if let Some(found) = library_in_dir(&dir) {
+            return Ok(found);
+        }
+    }
+    // Several Pythons may each have a wheel: the newest ONNX Runtime is the likeliest to load.
+    let newest = python_wheel_dirs()
+        .iter()
+        .filter_map(|dir| library_in_dir(dir))
+        .max_by(|a, b| library_version(a).cmp(&library_version(b)));
+    if let Some(found) = newest {
+        return Ok(found);
+    }
+    Err(RuntimeError::OrtLibrary(not_found_message()))
+}
+
+/// A library path given by the user (flag or environment): it must exist.
+fn given_library(path: &Path, source: &str) -> Result<PathBuf, RuntimeError> {
+    if path.is_dir() {
+        return library_in_dir(path).ok_or_else(|| {
+            RuntimeError::OrtLibrary(format!(
+                "{source} {}: folder holds no ONNX Runtime library ({})",
+                path.display(),
+                LIBRARY_NAMES
+            ))
+        });
+    }
+    if path.is_file() {
+        return Ok(path.to_path_buf());
+    }
+    Err(RuntimeError::OrtLibrary(format!(
+        "{source} {}: no such file",
+        path.display()
+    )))
+}
+
+/// The file names an ONNX Runtime library has, for messages.
+const LIBRARY_NAMES: &str =
+    "libonnxruntime.so, libonnxruntime.so.<version>, libonnxruntime.dylib, onnxruntime.dll";
+
+/// The library in `dir`, if any: the highest `libonnxruntime.so.<version>`, else an
+/// unversioned name.
+fn library_in_dir(dir: &Path) -> Option<PathBuf> {
+    let entries = std::fs::read_dir(dir).ok()?;
+    let mut best: Option<(Vec<u64>, PathBuf)> = None;
+    let mut unversioned = None;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let path = entry.path();
+        if !path.is_file() {
+            continue;
+        }
+        if matches!(
+            name,
+            "libonnxruntime.so" | "libonnxruntime.dylib" | "onnxruntime.dll"
+        ) {
+            unversioned.get_or_insert(path);
+        } else if let Some(version) = name
+            .strip_prefix("libonnxruntime.so.")
+            .and_then(parse_version)
+        {
+            if best.as_ref().is_none_or(|(v, _)| version > *v) {
+                best = Some((version, path));
+            }
+        }
+    }
+    best.map(|(_, path)| path).or(unversioned)
+}
+
+/// `1.16.3` → `[1, 16, 3]`; `None` unless it is dot-separated numbers.
+fn parse_version(text: &str) -> Option<Vec<u64>> {
+    text.split('.').map(|part| part.parse().ok()).collect()
+}
+
+/// The version in a library's file name (empty when unversioned), to rank candidates.
+fn library_version(path: &Path) -> Vec<u64> {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix("libonnxruntime.so."))
+        .and_then(parse_version)
+        .unwrap_or_default()
+}
+
+/// `LD_LIBRARY_PATH` and the system library folders, in search order.
+fn system_dirs() -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = env::var_os("LD_LIBRARY_PATH")
+        .map(|v| {
+            env::split_paths(&v)
+                .filter(|p| !p.as_os_str().is_empty())
+                .collect()
+        })
+        .unwrap_or_default();
+    dirs.extend(
+        [
+            "/usr/local/lib",
+            "/usr/lib",
+            "/usr/lib/x86_64-linux-gnu",
+            "/usr/lib/aarch64-linux-gnu",
+        ]
+        .map(PathBuf::from),
+    );
+    dirs
+}
+
+/// The `onnxruntime/capi` folders of an activated virtualenv or conda environment.
+fn active_env_wheel_dirs() -> Vec<PathBuf> {
+    let mut dirs = Vec::new();
+    for var in ["VIRTUAL_ENV", "CONDA_PREFIX"] {
+        if let Some(root) = env::var_os(var).filter(|v| !v.is_empty()) {
+            for python in subdirs(&Path::new(&root).join("lib"), "python3") {
+                dirs.push(capi(&python.join("site-packages")));
+            }
+        }
+    }
+    dirs
+}
+
+/// The `onnxruntime/capi` folders of the user's, the system's and pyenv's Pythons.
+fn python_wheel_dirs() -> Vec<PathBuf> {
+    let mut site = Vec::new();
+    let home = env::var_os("HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from);
+    if let Some(home) = &home {
+        for python in subdirs(&home.join(".local/lib"), "python3") {
+            site.push(python.join("site-packages"));
+        }
+    }
+    for python in subdirs(Path::new("/usr/local/lib"), "python3") {
+        site.push(python.join("site-packages"));
+        site.push(python.join("dist-packages"));
+    }
+    // `python3*` covers the unversioned `/usr/lib/python3/dist-packages` of Debian too.
+    for python in subdirs(Path::new("/usr/lib"), "python3") {
+        site.push(python.join("dist-packages"));
+        site.push(python.join("site-packages"));
+    }
+    let pyenv = env::var_os("PYENV_ROOT")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| home.as_ref().map(|h| h.join(".pyenv")));
+    if let Some(pyenv) = pyenv {
+        for version in subdirs(&pyenv.join("versions"), "") {
+            for python in subdirs(&version.join("lib"), "python3") {
+                site.push(python.join("site-packages"));
+            }
+        }
+    }
+    site.iter().map(|s| capi(s)).collect()
+}
+
+fn capi(site_packages: &Path) -> PathBuf {
+    site_packages.join("onnxruntime").join("capi")
+}
+
+/// The folders in `dir` whose names start with `prefix`, sorted (a one-level glob).
+fn subdirs(dir: &Path, prefix: &str) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut found: Vec<PathBuf> = entries
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|n| n.starts_with(prefix))
+        })
+        .map(|e| e.path())
+        .filter(|p| p.is_dir())
+        .collect();
+    found.sort();
+    found
+}
+
+fn not_found_message() -> String {
+    let ld = match env::var("LD_LIBRARY_PATH") {
+        Ok(v) if !v.is_empty() => format!("LD_LIBRARY_PATH ({v})"),
+        _ => "LD_LIBRARY_PATH (unset)".to_string(),
+    };
+    format!(
+        "no ONNX Runtime shared library ({LIBRARY_NAMES}) found. Pass it with --ort-lib PATH or \
+         set ORT_DYLIB_PATH. Searched: {ld}, /usr/local/lib, /usr/lib, \
+         /usr/lib/x86_64-linux-gnu, /usr/lib/aarch64-linux-gnu, and onnxruntime/capi/ under \
+         $VIRTUAL_ENV/lib/python3*/site-packages, $CONDA_PREFIX/lib/python3*/site-packages, \
+         ~/.local/lib/python3*/site-packages, /usr/local/lib/python3*/{{site,dist}}-packages, \
+         /usr/lib/python3*/dist-packages, ~/.pyenv/versions/*/lib/python3*/site-packages. \
+         To get it: `pip install onnxruntime` puts it at \
+         <site-packages>/onnxruntime/capi/libonnxruntime.so.<version> \
+         (`pip install onnxruntime-gpu` for the CUDA/TensorRT build); ONNX Runtime 1.17 or \
+         newer is needed"
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Loading it
+// ---------------------------------------------------------------------------------------------
+
+/// The library this process loaded and the one ONNX Runtime environment made from it. `ort`
+/// allows one library and one environment per process (neither can be unloaded), so both are
+/// kept here for the life of the process and shared by every [`OrtEngine`].
+struct Loaded {
+    library: PathBuf,
+    environment: Option<Environment>,
+}
+
+static RUNTIME: Mutex<Option<Loaded>> = Mutex::new(None);
+
+/// Loads the ONNX Runtime library at `library` into this process, once.
+///
+/// Calling it again with the same file (after resolving symlinks) reuses what is loaded; with a
+/// different file it is an error, since a process cannot hold two ONNX Runtime libraries. A file
+/// that is not ONNX Runtime, or one older than 1.17, gives [`RuntimeError::OrtLibrary`] and
+/// leaves nothing loaded, so a later call may try another file.
+pub fn init(library: &Path) -> Result<(), RuntimeError> {
+    environment(library).map(|_| ())
+}
+
+/// The library loaded by [`init`], if any.
+pub fn loaded_library() -> Option<PathBuf> {
+    let guard = RUNTIME.lock().unwrap_or_else(|e| e.into_inner());
+    guard.as_ref().map(|l| l.library.clone())
+}
+
+fn environment(library: &Path) -> Result<Environment, RuntimeError> {
+    // Absolute and symlink-free: ort resolves relative paths against the executable's folder,
+    // and two spellings of one file must count as the same library.
+    let library = std::fs::canonicalize(library)
+        .map_err(|e| RuntimeError::OrtLibrary(format!("{}: {e}", library.display())))?;
+    // A panic elsewhere while holding the lock leaves the state consistent: recover it.
+    let mut guard = RUNTIME.lock().unwrap_or_else(|e| e.into_inner());
+    match guard.as_mut() {
+        Some(loaded) if loaded.library != library => Err(RuntimeError::OrtLibrary(format!(
+            "ONNX Runtime is already loaded from {} in this process; cannot also load {}",
+            loaded.library.display(),
+            library.display()
+        ))),
+        Some(loaded) => match &loaded.environment {
+            Some(environment) => Ok(environment.clone()),
+            None => {
+                let environment = build_environment(ort::init(), &library)?;
+                loaded.environment = Some(environment.clone());
+                Ok(environment)
+            }
+        },
+        None => {
+            let builder =
+                ort::init_from(&library).map_err(|e| RuntimeError::OrtLibrary(e.to_string()))?;
+            // From here the library is in the process for good: record it even if the
+            // environment fails, so a later call cannot silently load a second one.
+            let loaded = guard.insert(Loaded {
+                library: library.clone(),
+                environment: None,
+            });
+            let environment = build_environment(builder, &library)?;
+            loaded.environment = Some(environment.clone());
+            Ok(environment)
+        }
+    }
+}
+
+fn build_environment(
+    builder: ort::environment::EnvironmentBuilder,
+    library: &Path,
+) -> Result<Environment, RuntimeError> {
+    builder
+        .with_name("narx")
+        .with_telemetry(false)
+        .build()
+        .map_err(|e| {
+            RuntimeError::OrtLibrary(format!(
+                "{}: creating the ONNX Runtime environment: {e}",
+                library.display()
+            ))
+        })
+}
+
+// ---------------------------------------------------------------------------------------------
+// The engine
+// ---------------------------------------------------------------------------------------------
+
+/// A model's prefill and step graphs as ONNX Runtime sessions on the CPU provider.
+pub struct OrtEngine {
+    prefill: Session,
+    step: Session,
+    library: PathBuf,
+}
+
+impl OrtEngine {
+    /// Finds and loads ONNX Runtime (see [`find_library`], [`init`]) and creates one session
+    /// per graph. Sessions are created from the files, so ONNX Runtime resolves the external
+    /// data (`weights.bin`) next to them and can memory-map it.
+    pub fn load(paths: &GraphPaths, options: &OrtOptions) -> Result<Self, RuntimeError> {
+        let library = find_library(options.library.as_deref())?;
+        let environment = environment(&library)?;
+        let prefill = session(&environment, GraphKind::Prefill, paths.prefill, options)?;
+        let step = session(&environment, GraphKind::Step, paths.step, options)?;
+        Ok(OrtEngine {
+            prefill,
+            step,
+            library,
+        })
+    }
+
+    /// The ONNX Runtime library in use.
+    pub fn library(&self) -> &Path {
+        &self.library
+    }
+}
+
+fn session(
+    environment: &Environment,
+    graph: GraphKind,
+    path: &Path,
+    options: &OrtOptions,
+) -> Result<Session, RuntimeError> {
+    let fail = |what: &str, e: &dyn std::fmt::Display| {
+        RuntimeError::backend(
+            BACKEND,
+            format!("{graph} graph {}: {what}: {e}", path.display()),
+        )
+    };
+    // No execution providers registered: ONNX Runtime then uses its CPU provider, with its
+    // memory arena on (ort's explicit `ep::CPU` would turn the arena off).
+    let builder = Session::builder(environment)
+        .map_err(|e| fail("creating session options", &e))?
+        .with_optimization_level(GraphOptimizationLevel::All)
+        .map_err(|e| fail("setting the optimisation level", &e))?;
+    let mut builder = match options.intra_threads {
+        Some(n) => builder
+            .with_intra_threads(n)
+            .map_err(|e| fail("setting intra-op threads", &e))?,
+        None => builder,
+    };
+    builder
+        .commit_from_file(path)
+        .map_err(|e| fail("loading", &e))
+}
+
+impl Engine for OrtEngine {
+    type Value = DynValue;
+
+    fn name(&self) -> String {
+        "onnxruntime-cpu".to_string()
+    }
+
+    fn upload(&self, tensor: HostTensor) -> Result<DynValue, RuntimeError> {
+        check_host_shape(&tensor)?;
+        // `(shape, Vec)` hands the buffer to ONNX Runtime without a copy.
+        let value = match tensor {
+            HostTensor::F32(shape, data) => Tensor::from_array((shape, data)).map(|t| t.into_dyn()),
+            HostTensor::I64(shape, data) => Tensor::from_array((shape, data)).map(|t| t.into_dyn()),
+            HostTensor::Bool(shape, data) => {
+                Tensor::from_array((shape, data)).map(|t| t.into_dyn())
+            }
+        };
+        value.map_err(|e| RuntimeError::backend(BACKEND, format!("creating a tensor: {e}")))
+    }
+
+    fn download_f32(&self, value: &DynValue) -> Result<(Vec<usize>, Vec<f32>), RuntimeError> {
+        match value.dtype() {
+            ValueType::Tensor {
+                ty: TensorElementType::Float32,
+                ..
+            } => {}
+            other => {
+                return Err(RuntimeError::backend(
+                    BACKEND,
+                    format!("download: expected a float32 tensor, got {other}"),
+                ))
+            }
+        }
+        let (shape, data) = value
+            .try_extract_tensor::<f32>()
+            .map_err(|e| RuntimeError::backend(BACKEND, format!("download: {e}")))?;
+        let shape = shape
+            .iter()
+            .map(|&d| usize::try_from(d))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| {
+                RuntimeError::backend(BACKEND, format!("download: tensor has shape {shape:?}"))
+            })?;
+        Ok((shape, data.to_vec()))
+    }
+
+    fn run(
+        &mut self,
+        graph: GraphKind,
+        inputs: Vec<(String, DynValue)>,
+    ) -> Result<HashMap<String, DynValue>, RuntimeError> {
+        let session = match graph {
+            GraphKind::Prefill => &mut self.prefill,
+            GraphKind::Step => &mut self.step,
+        };
+        check_inputs(session, graph, &inputs)?;
+        let outputs = session.run(inputs).map_err(|e| {
+            RuntimeError::backend(BACKEND, format!("running the {graph} graph: {e}"))
+        })?;
+        // The values own their ONNX Runtime memory; the names are copied out of the session.
+        Ok(outputs
+            .into_iter()
+            .map(|(name, value)| (name.to_string(), value))
+            .collect())
+    }
+}
+
+/// Rejects a host tensor whose shape does not match its data or does not fit ONNX Runtime's
+/// `i64` dimensions, before ort multiplies the dimensions out (which could overflow).
+fn check_host_shape(tensor: &HostTensor) -> Result<(), RuntimeError> {
+    let len = match tensor {
+        HostTensor::F32(_, d) => d.len(),
+        HostTensor::I64(_, d) => d.len(),
+        HostTensor::Bool(_, d) => d.len(),
+    };
+    let shape = tensor.shape();
+    let elements = shape.iter().try_fold(1usize, |acc, &d| {
+        i64::try_from(d).ok()?;
+        acc.checked_mul(d)
+    });
+    if elements != Some(len) {
+        return Err(RuntimeError::backend(
+            BACKEND,
+            format!("upload: shape {shape:?} does not hold {len} elements"),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks the inputs against the graph's declared inputs, so a wrong name, element type or
+/// fixed dimension is reported with the input's name (ONNX Runtime's own messages often omit
+/// it), and a missing input is named rather than failing inside the run.
+fn check_inputs(
+    session: &Session,
+    graph: GraphKind,
+    inputs: &[(String, DynValue)],
+) -> Result<(), RuntimeError> {
+    let fail =
+        |message: String| RuntimeError::backend(BACKEND, format!("{graph} graph: {message}"));
+    let mut seen = HashSet::new();
+    for (name, value) in inputs {
+        if !seen.insert(name.as_str()) {
+            return Err(fail(format!("input `{name}` given twice")));
+        }
+        let Some(declared) = session.inputs().iter().find(|o| o.name() == name) else {
+            let names: Vec<&str> = session.inputs().iter().map(|o| o.name()).collect();
+            return Err(fail(format!(
+                "no input named `{name}` (inputs: {})",
+                names.join(", ")
+            )));
+        };
+        let (
+            ValueType::Tensor {
+                ty: want_ty,
+                shape: want_shape,
+                ..
+            },
+            ValueType::Tensor {
+                ty: got_ty,
+                shape: got_shape,
+                ..
+            },
+        ) = (declared.dtype(), value.dtype())
+        else {
+            return Err(fail(format!(
+                "input `{name}`: expected {}, got {}",
+                declared.dtype(),
+                value.dtype()
+            )));
+        };
+        let dims_match = want_shape.len() == got_shape.len()
+            && want_shape
+                .iter()
+                .zip(got_shape.iter())
+                .all(|(&w, &g)| w < 0 || w == g);
+        if want_ty != got_ty || !dims_match {
+            return Err(fail(format!(
+                "input `{name}`: expected {}, got {}",
+                declared.dtype(),
+                value.dtype()
+            )));
+        }
+    }
+    let missing: Vec<&str> = session
+        .inputs()
+        .iter()
+        .map(|o| o.name())
+        .filter(|n| !seen.contains(n))
+        .collect();
+    if !missing.is_empty() {
+        return Err(fail(format!("missing inputs: {}", missing.join(", "))));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::OnceLock;
+
+    use narx_graphs::weights::WeightStore;
+    use narx_graphs::{encode_model, DType, Dim, GraphBuilder};
+
+    use super::*;
+
+    /// What loading a text file as the library said. Recorded before the real library is
+    /// loaded, since afterwards any other file is refused as a second library instead.
+    static NOT_A_LIBRARY: OnceLock<Result<(), String>> = OnceLock::new();
+    static LIBRARY: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+
+    /// The real library, loaded; fails the test (never skips) when it is not installed.
+    fn library() -> PathBuf {
+        let result = LIBRARY.get_or_init(|| {
+            NOT_A_LIBRARY.get_or_init(|| {
+                let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+                let fake = dir.path().join("libonnxruntime.so");
+                std::fs::write(&fake, "not a shared library\n").map_err(|e| e.to_string())?;
+                match init(&fake) {
+                    Ok(()) => Err("a text file loaded as ONNX Runtime".to_string()),
+                    Err(e) => {
+                        let message = e.to_string();
+                        assert!(
+                            matches!(e, RuntimeError::OrtLibrary(_)),
+                            "wrong error kind: {message}"
+                        );
+                        assert!(message.contains(&*fake.to_string_lossy()), "{message}");
+                        Ok(())
+                    }
+                }
+            });
+            let library = find_library(None).map_err(|e| e.to_string())?;
+            init(&library).map_err(|e| e.to_string())?;
+            Ok(library)
+        });
+        match result {
+            Ok(path) => path.clone(),
+            Err(e) => panic!("ONNX Runtime is needed for these tests: {e}"),
+        }
+    }
+
+    /// Writes a two-graph model sharing an external `weights.bin`:
+    /// prefill: `y = x + w`, `ids_f = float(ids)`, `keep_f = float(keep)`; step: `y = x + w`,
+    /// with `w = [10, 20, 30]`.
+    fn write_model(dir: &Path) -> (PathBuf, PathBuf) {
+        let mut store = WeightStore::external(dir, "weights.bin").unwrap();
+        let n = || Dim::named("n");
+        let weight = |g: &mut GraphBuilder| {
+            g.weight("w", DType::F32, &[3], || {
+                Ok(narx_graphs::builder::ConstData::F32(vec![10.0, 20.0, 30.0]))
+            })
+            .unwrap()
+        };
+
+        let mut g = GraphBuilder::new("prefill", &mut store);
+        let x = g.input("x", DType::F32, &[n(), Dim::Fixed(3)]);
+        let ids = g.input("ids", DType::I64, &[n()]);
+        let keep = g.input("keep", DType::Bool, &[n(), Dim::Fixed(3)]);
+        let w = weight(&mut g);
+        let y = g.add(x, w).unwrap();
+        let ids_f = g.cast(ids, DType::F32).unwrap();
+        let keep_f = g.cast(keep, DType::F32).unwrap();
+        g.output("y", y, &[n(), Dim::Fixed(3)]).unwrap();
+        g.output("ids_f", ids_f, &[n()]).unwrap();
+        g.output("keep_f", keep_f, &[n(), Dim::Fixed(3)]).unwrap();
+        let prefill = g.finish();
+
+        let mut g = GraphBuilder::new("step", &mut store);
+        let x = g.input("x", DType::F32, &[n(), Dim::Fixed(3)]);
+        let w = weight(&mut g);
+        let y = g.add(x, w).unwrap();
+        g.output("y", y, &[n(), Dim::Fixed(3)]).unwrap();
+        let step = g.finish();
+        store.finish().unwrap();
+
+        let prefill_path = dir.join("prefill.onnx");
+        let step_path = dir.join("step.onnx");
+        std::fs::write(&prefill_path, encode_model(&prefill)).unwrap();
+        std::fs::write(&step_path, encode_model(&step)).unwrap();
+        (prefill_path, step_path)
+    }
+
+    fn engine(dir: &Path) -> OrtEngine {
+        let library = library();
+        let (prefill, step) = write_model(dir);
+        let paths = GraphPaths {
+            prefill: &prefill,
+            step: &step,
+        };
+        let options = OrtOptions {
+            library: Some(library),
+            intra_threads: Some(1),
+        };
+        OrtEngine::load(&paths, &options).unwrap()
+    }
+
+    fn prefill_inputs(e: &OrtEngine) -> Vec<(String, DynValue)> {
+        let x = HostTensor::F32(vec![2, 3], vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+        let ids = HostTensor::I64(vec![2], vec![7, -8]);
+        let keep = HostTensor::Bool(vec![2, 3], vec![true, false, true, false, false, true]);
+        vec![
+            ("x".to_string(), e.upload(x).unwrap()),
+            ("ids".to_string(), e.upload(ids).unwrap()),
+            ("keep".to_string(), e.upload(keep).unwrap()),
+        ]
+    }
+
+    fn error_of<T>(result: Result<T, RuntimeError>) -> String {
+        match result {
+            Ok(_) => panic!("expected an error"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn runs_graphs_and_feeds_outputs_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut e = engine(dir.path());
+        assert_eq!(e.name(), "onnxruntime-cpu");
+
+        let inputs = prefill_inputs(&e);
+        let mut out = e.run(GraphKind::Prefill, inputs).unwrap();
+        let mut names: Vec<&str> = out.keys().map(String::as_str).collect();
+        names.sort();
+        assert_eq!(names, ["ids_f", "keep_f", "y"]);
+        assert_eq!(
+            e.download_f32(&out["y"]).unwrap(),
+            (vec![2, 3], vec![11.0, 22.0, 33.0, 14.0, 25.0, 36.0])
+        );
+        assert_eq!(
+            e.download_f32(&out["ids_f"]).unwrap(),
+            (vec![2], vec![7.0, -8.0])
+        );
+        assert_eq!(
+            e.download_f32(&out["keep_f"]).unwrap(),
+            (vec![2, 3], vec![1.0, 0.0, 1.0, 0.0, 0.0, 1.0])
+        );
+
+        // The output value itself goes back in, twice: no host round trip.
+        let y = out.remove("y").unwrap();
+        let mut out = e.run(GraphKind::Step, vec![("x".into(), y)]).unwrap();
+        let y = out.remove("y").unwrap();
+        let out = e.run(GraphKind::Step, vec![("x".into(), y)]).unwrap();
+        assert_eq!(
+            e.download_f32(&out["y"]).unwrap(),
+            (vec![2, 3], vec![31.0, 62.0, 93.0, 34.0, 65.0, 96.0])
+        );
+    }
+
+    #[test]
+    fn bad_inputs_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut e = engine(dir.path());
+
+        let x = e.upload(HostTensor::F32(vec![1, 3], vec![0.0; 3])).unwrap();
+        let message = error_of(e.run(GraphKind::Step, vec![("nope".into(), x)]));
+        assert!(
+            message.contains("`nope`") && message.contains("step"),
+            "{message}"
+        );
+
+        let x = e.upload(HostTensor::I64(vec![1, 3], vec![0; 3])).unwrap();
+        let message = error_of(e.run(GraphKind::Step, vec![("x".into(), x)]));
+        assert!(
+            message.contains("`x`") && message.contains("i64"),
+            "{message}"
+        );
+
+        let x = e.upload(HostTensor::F32(vec![1, 4], vec![0.0; 4])).unwrap();
+        let message = error_of(e.run(GraphKind::Step, vec![("x".into(), x)]));
+        assert!(message.contains("`x`"), "{message}");
+
+        let mut inputs = prefill_inputs(&e);
+        inputs.retain(|(n, _)| n != "keep");
+        let message = error_of(e.run(GraphKind::Prefill, inputs));
+        assert!(message.contains("missing inputs: keep"), "{message}");
+
+        let message = error_of(e.upload(HostTensor::F32(vec![2, 3], vec![0.0; 5])));
+        assert!(message.contains("[2, 3]"), "{message}");
+        let message = error_of(e.upload(HostTensor::F32(vec![usize::MAX, 2], vec![])));
+        assert!(message.contains("upload"), "{message}");
+
+        let ids = e.upload(HostTensor::I64(vec![1], vec![1])).unwrap();
+        let message = error_of(e.download_f32(&ids));
+        assert!(message.contains("float32"), "{message}");
+
+        // Empty tensors are fine.
+        let x = e.upload(HostTensor::F32(vec![0, 3], vec![])).unwrap();
+        let out = e.run(GraphKind::Step, vec![("x".into(), x)]).unwrap();
+        assert_eq!(e.download_f32(&out["y"]).unwrap(), (vec![0, 3], vec![]));
+    }
+
+    #[test]
+    fn missing_graph_file_is_named() {
+        let library = library();
+        let dir = tempfile::tempdir().unwrap();
+        let absent = dir.path().join("absent.onnx");
+        let paths = GraphPaths {
+            prefill: &absent,
+            step: &absent,
+        };
+        let options = OrtOptions {
+            library: Some(library),
+            intra_threads: None,
+        };
+        let message = error_of(OrtEngine::load(&paths, &options));
+        assert!(
+            message.contains("absent.onnx") && message.contains("prefill"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn text_file_is_not_a_library() {
+        library();
+        assert_eq!(NOT_A_LIBRARY.get(), Some(&Ok(())));
+    }
+
+    #[test]
+    fn one_library_per_process() {
+        let library = library();
+        init(&library).unwrap();
+        assert_eq!(
+            loaded_library(),
+            Some(std::fs::canonicalize(&library).unwrap())
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let other = dir.path().join("libonnxruntime.so");
+        std::fs::write(&other, "x").unwrap();
+        let message = error_of(init(&other));
+        assert!(message.contains("already loaded"), "{message}");
+    }
+
+    #[test]
+    fn explicit_library_must_exist() {
+        let message = error_of(find_library(Some(Path::new("/nonexistent/libort.so"))));
+        assert!(
+            message.contains("--ort-lib /nonexistent/libort.so"),
+            "{message}"
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        let message = error_of(find_library(Some(dir.path())));
+        assert!(message.contains("no ONNX Runtime library"), "{message}");
+    }
+
+    #[test]
+    fn picks_highest_version_in_a_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in [
+            "libonnxruntime.so",
+            "libonnxruntime.so.1.9.0",
+            "libonnxruntime.so.1.16.3",
+            "libonnxruntime.so.1",
+            "libonnxruntime_providers_shared.so",
+            "libonnxruntime.so.bak",
+        ] {
+            std::fs::write(dir.path().join(name), "").unwrap();
+        }
+        let found = find_library(Some(dir.path())).unwrap();
+        assert_eq!(found, dir.path().join("libonnxruntime.so.1.16.3"));
+
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("libonnxruntime.dylib"), "").unwrap();
+        assert_eq!(
+            library_in_dir(dir.path()),
+            Some(dir.path().join("libonnxruntime.dylib"))
+        );
+    }
+
+    #[test]
+    fn not_found_message_says_how_to_get_it() {
+        let message = not_found_message();
+        for needle in [
+            "--ort-lib",
+            "ORT_DYLIB_PATH",
+            "pip install onnxruntime",
+            "/usr/lib",
+        ] {
+            assert!(message.contains(needle), "{needle}: {message}");
+        }
+    }
+}

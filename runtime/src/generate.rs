@@ -1,0 +1,347 @@
+//! The generation loop: prefill, then one step per wavefront, with guidance and sampling
+//! between calls; the KV cache stays in the backend's own form from call to call.
+//!
+//! `Runtime → Runnable → State` as tract splits it: the manifest and the engine are loaded
+//! once ([`Generator`]); each call of [`Generator::generate`] owns its cache and RNGs.
+
+use std::collections::HashMap;
+
+use narx_graphs::manifest::{Condition, KvCache, Manifest};
+use narx_graphs::nar::names;
+
+use crate::backend::{Engine, GraphKind, HostTensor};
+use crate::guidance::CfgSchedule;
+use crate::sampling::{sample_block, ImageRng, SamplingParams};
+use crate::scheduler::{Call, WavefrontPlan};
+use crate::RuntimeError;
+
+/// What each image is conditioned on.
+#[derive(Clone, Debug)]
+pub enum Prompts {
+    /// One class label per image.
+    Classes(Vec<i64>),
+    /// Caption features `(B, tokens, dim)` and their 0/1 mask `(B, tokens)`, left-padded as
+    /// upstream's sampler prepares them.
+    Captions {
+        embeddings: Vec<f32>,
+        mask: Vec<f32>,
+        count: usize,
+    },
+}
+
+impl Prompts {
+    pub fn len(&self) -> usize {
+        match self {
+            Prompts::Classes(labels) => labels.len(),
+            Prompts::Captions { count, .. } => *count,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// How to generate.
+#[derive(Clone, Debug)]
+pub struct GenerateOptions {
+    pub cfg_scale: f32,
+    /// Upstream's `cfg_interval`: negative = guide every call.
+    pub cfg_interval: i64,
+    pub sampling: SamplingParams,
+    pub seed: u64,
+}
+
+/// What happened at one model call, for progress reporting and conformance tests.
+pub struct CallReport<'a> {
+    pub call: &'a Call,
+    pub calls: usize,
+    /// Model batch rows (both guidance halves).
+    pub rows: usize,
+    /// Assembled logits `(rows, produced, vocab)`, before guidance.
+    pub logits: &'a [f32],
+    /// Guided logits `(prompts, produced, vocab)`.
+    pub guided: &'a [f32],
+    /// Chosen tokens `(prompts, produced)`, in wavefront order.
+    pub tokens: &'a [u32],
+}
+
+/// Generated tokens, `(prompts, cells)` in raster order.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Generation {
+    pub grid: Vec<usize>,
+    pub tokens: Vec<Vec<u32>>,
+    pub calls: usize,
+}
+
+/// A loaded model ready to generate.
+pub struct Generator<E: Engine> {
+    manifest: Manifest,
+    engine: E,
+    plan: WavefrontPlan,
+}
+
+impl<E: Engine> Generator<E> {
+    pub fn new(manifest: Manifest, engine: E) -> Result<Self, RuntimeError> {
+        let axes: Vec<usize> = manifest.heads.iter().map(|h| h.axis).collect();
+        let plan = WavefrontPlan::new(&manifest.grid, &axes)?;
+        Ok(Generator {
+            manifest,
+            engine,
+            plan,
+        })
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    pub fn plan(&self) -> &WavefrontPlan {
+        &self.plan
+    }
+
+    pub fn engine_name(&self) -> String {
+        self.engine.name()
+    }
+
+    /// Generates one token grid per prompt; `report` sees every call.
+    pub fn generate(
+        &mut self,
+        prompts: &Prompts,
+        options: &GenerateOptions,
+        report: &mut dyn FnMut(&CallReport),
+    ) -> Result<Generation, RuntimeError> {
+        options.sampling.validate()?;
+        let interval = usize::try_from(options.cfg_interval).ok();
+        let schedule = CfgSchedule::new(options.cfg_scale, interval)?;
+        let batch = prompts.len();
+        if batch == 0 {
+            return Err(RuntimeError::BadInput("no prompts to generate".into()));
+        }
+        let rows = if schedule.uses_uncond_half() {
+            2 * batch
+        } else {
+            batch
+        };
+        let vocab = self.manifest.vocab_size;
+        let cells = self.plan.cell_count();
+        let condition_len = self.condition_len();
+        let mut rngs: Vec<ImageRng> = (0..batch as u64)
+            .map(|i| ImageRng::new(options.seed, i))
+            .collect();
+        let mut grid_tokens = vec![0u32; batch * cells];
+        let mut cache: Vec<(String, E::Value)> = Vec::new();
+        let calls = self.plan.calls().len();
+        for index in 0..calls {
+            let call = &self.plan.calls()[index];
+            let (kind, mut inputs) = if call.is_prefill() {
+                (GraphKind::Prefill, self.prefill_inputs(prompts, rows)?)
+            } else {
+                let tokens: Vec<i64> = (0..rows)
+                    .flat_map(|row| {
+                        let image = &grid_tokens[(row % batch) * cells..][..cells];
+                        call.fed().iter().map(move |c| i64::from(image[c.raster()]))
+                    })
+                    .collect();
+                let positions: Vec<i64> = call
+                    .fed()
+                    .iter()
+                    .map(|c| (condition_len + c.raster()) as i64)
+                    .collect();
+                let width = positions.len();
+                let inputs = vec![
+                    (
+                        names::TOKENS.to_string(),
+                        self.engine
+                            .upload(HostTensor::I64(vec![rows, width], tokens))?,
+                    ),
+                    (
+                        names::POSITIONS.to_string(),
+                        self.engine
+                            .upload(HostTensor::I64(vec![width], positions))?,
+                    ),
+                ];
+                (GraphKind::Step, inputs)
+            };
+            inputs.append(&mut cache);
+            let mut outputs = self.engine.run(kind, inputs)?;
+            let heads = self.head_logits(&mut outputs, rows, call.input_len())?;
+            cache = self.carry_cache(outputs)?;
+            let head_refs: Vec<&[f32]> = heads.iter().map(Vec::as_slice).collect();
+            let produced = call.output_len();
+            let mut logits = vec![0f32; rows * produced * vocab];
+            call.assemble(&head_refs, rows, vocab, &mut logits)?;
+            let mut guided = vec![0f32; batch * produced * vocab];
+            schedule.apply(call.tokens_before(), &logits, &mut guided)?;
+            let mut tokens = vec![0u32; batch * produced];
+            let mut scratch = guided.clone();
+            sample_block(
+                &mut scratch,
+                vocab,
+                &options.sampling,
+                &mut rngs,
+                &mut tokens,
+            )?;
+            call.place(&tokens, batch, &mut grid_tokens)?;
+            report(&CallReport {
+                call,
+                calls,
+                rows,
+                logits: &logits,
+                guided: &guided,
+                tokens: &tokens,
+            });
+        }
+        Ok(Generation {
+            grid: self.manifest.grid.clone(),
+            tokens: grid_tokens.chunks(cells).map(<[u32]>::to_vec).collect(),
+            calls,
+        })
+    }
+
+    fn condition_len(&self) -> usize {
+        match self.manifest.condition {
+            Condition::Class { .. } => 1,
+            Condition::Caption { tokens, .. } => tokens,
+        }
+    }
+
+    /// The prefill's inputs for `[cond; uncond]` (or cond only without guidance).
+    fn prefill_inputs(
+        &self,
+        prompts: &Prompts,
+        rows: usize,
+    ) -> Result<Vec<(String, E::Value)>, RuntimeError> {
+        let batch = prompts.len();
+        let bad = |m: String| Err(RuntimeError::BadInput(m));
+        match (&self.manifest.condition, prompts) {
+            (
+                Condition::Class {
+                    num_classes,
+                    null_class,
+                },
+                Prompts::Classes(labels),
+            ) => {
+                if let Some(&label) = labels.iter().find(|&&l| l < 0 || l >= *num_classes as i64) {
+                    return bad(format!(
+                        "class {label} is out of range: this model has classes 0..{}",
+                        num_classes - 1
+                    ));
+                }
+                let mut all = labels.clone();
+                if rows > batch {
+                    let null = null_class.ok_or_else(|| {
+                        RuntimeError::BadInput(
+                            "this model has no null class, so it cannot use guidance; pass --cfg-scale 1"
+                                .into(),
+                        )
+                    })?;
+                    all.extend(std::iter::repeat_n(null as i64, batch));
+                }
+                Ok(vec![(
+                    names::CLASS_LABELS.into(),
+                    self.engine.upload(HostTensor::I64(vec![rows], all))?,
+                )])
+            }
+            (
+                Condition::Caption { tokens, dim },
+                Prompts::Captions {
+                    embeddings, mask, ..
+                },
+            ) => {
+                let (t, d) = (*tokens, *dim);
+                if embeddings.len() != batch * t * d || mask.len() != batch * t {
+                    return bad(format!(
+                        "caption embeddings must be ({batch}, {t}, {d}) with a ({batch}, {t}) mask"
+                    ));
+                }
+                let mut features = embeddings.clone();
+                let mut masks = mask.clone();
+                let mut null = vec![false; batch];
+                if rows > batch {
+                    // The uncond half: the graph swaps in the learned null caption; its
+                    // attention still follows the prompt's mask (NAR-SPEC §3.3).
+                    features.extend(std::iter::repeat_n(0.0, batch * t * d));
+                    masks.extend_from_slice(mask);
+                    null.extend(std::iter::repeat_n(true, batch));
+                }
+                Ok(vec![
+                    (
+                        names::CAPTION_EMBEDDINGS.into(),
+                        self.engine
+                            .upload(HostTensor::F32(vec![rows, t, d], features))?,
+                    ),
+                    (
+                        names::CAPTION_MASK.into(),
+                        self.engine.upload(HostTensor::F32(vec![rows, t], masks))?,
+                    ),
+                    (
+                        names::NULL_CAPTION.into(),
+                        self.engine.upload(HostTensor::Bool(vec![rows], null))?,
+                    ),
+                ])
+            }
+            (Condition::Class { .. }, Prompts::Captions { .. }) => {
+                bad("this is a class-conditional model: give class labels, not captions".into())
+            }
+            (Condition::Caption { .. }, Prompts::Classes(_)) => {
+                bad("this is a text-conditional model: give caption embeddings, not classes".into())
+            }
+        }
+    }
+
+    /// Each head's logits `(rows, width, vocab)` on the host, in manifest head order.
+    fn head_logits(
+        &self,
+        outputs: &mut HashMap<String, E::Value>,
+        rows: usize,
+        width: usize,
+    ) -> Result<Vec<Vec<f32>>, RuntimeError> {
+        let expected = [rows, width, self.manifest.vocab_size];
+        self.manifest
+            .heads
+            .iter()
+            .map(|head| {
+                let value = outputs.remove(&head.output).ok_or_else(|| {
+                    RuntimeError::backend(&self.engine.name(), format!("no output {}", head.output))
+                })?;
+                let (shape, data) = self.engine.download_f32(&value)?;
+                if shape != expected {
+                    return Err(RuntimeError::backend(
+                        &self.engine.name(),
+                        format!("{} has shape {shape:?}, expected {expected:?}", head.output),
+                    ));
+                }
+                Ok(data)
+            })
+            .collect()
+    }
+
+    /// Renames this call's `present.*` outputs to the next call's `past.*` inputs.
+    fn carry_cache(
+        &self,
+        mut outputs: HashMap<String, E::Value>,
+    ) -> Result<Vec<(String, E::Value)>, RuntimeError> {
+        let kv = &self.manifest.kv_cache;
+        let mut pairs = vec![(kv.present_key_bias.clone(), kv.past_key_bias.clone())];
+        for layer in 0..kv.layers {
+            pairs.push((
+                KvCache::name(&kv.present_key, layer),
+                KvCache::name(&kv.past_key, layer),
+            ));
+            pairs.push((
+                KvCache::name(&kv.present_value, layer),
+                KvCache::name(&kv.past_value, layer),
+            ));
+        }
+        pairs
+            .into_iter()
+            .map(|(present, past)| {
+                let value = outputs.remove(&present).ok_or_else(|| {
+                    RuntimeError::backend(&self.engine.name(), format!("no output {present}"))
+                })?;
+                Ok((past, value))
+            })
+            .collect()
+    }
+}

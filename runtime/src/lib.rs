@@ -1,0 +1,50 @@
+//! Running exported NAR models: backends, the wavefront scheduler, guidance and sampling, and
+//! the generation loop that ties them together.
+
+pub mod backend;
+pub mod generate;
+pub mod guidance;
+pub mod load;
+pub mod sampling;
+pub mod scheduler;
+
+/// Errors while loading or running a model.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// The ONNX Runtime shared library could not be found or loaded.
+    #[error("ONNX Runtime library not available: {0}")]
+    OrtLibrary(String),
+    /// A backend failed to load or run a graph.
+    #[error("{backend}: {message}")]
+    Backend { backend: String, message: String },
+    /// The user asked for something the model cannot do (bad class, wrong caption shape, ...).
+    #[error("{0}")]
+    BadInput(String),
+    #[error(transparent)]
+    Plan(#[from] scheduler::PlanError),
+    #[error(transparent)]
+    Guidance(#[from] guidance::GuidanceError),
+    #[error(transparent)]
+    Sampling(#[from] sampling::SamplingError),
+    #[error(transparent)]
+    Manifest(#[from] narx_graphs::GraphError),
+}
+
+impl RuntimeError {
+    /// Whether the user's input is at fault (exit code 2) rather than the machine (1).
+    pub fn is_bad_input(&self) -> bool {
+        match self {
+            RuntimeError::BadInput(_) | RuntimeError::OrtLibrary(_) => true,
+            RuntimeError::Guidance(_) | RuntimeError::Sampling(_) => true,
+            RuntimeError::Manifest(e) => !matches!(e, narx_graphs::GraphError::Io { .. }),
+            RuntimeError::Backend { .. } | RuntimeError::Plan(_) => false,
+        }
+    }
+
+    pub fn backend(backend: &str, message: impl std::fmt::Display) -> Self {
+        RuntimeError::Backend {
+            backend: backend.to_string(),
+            message: message.to_string(),
+        }
+    }
+}

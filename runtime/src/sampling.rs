@@ -1,0 +1,594 @@
+//! Token sampling exactly as upstream's `sample` / `top_k_top_p_filtering` (NAR-SPEC §4):
+//! temperature (floored at 1e-5), top-k keeping ties, then top-p, then one draw from the
+//! softmax; or greedy arg-max.
+//!
+//! Draws are reproducible per image: each image owns an [`ImageRng`] keyed by the run seed
+//! and its index, so its tokens do not depend on which batch it was generated in. Bit-exact
+//! agreement with upstream's draws is impossible (PyTorch's RNG stream), so the draw itself is
+//! also exposed with an injected uniform ([`sample_row_with_uniform`]).
+
+use rand::{Rng, RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use thiserror::Error;
+
+/// Upstream's floor on the temperature divisor (`max(temperature, 1e-5)`).
+const MIN_TEMPERATURE: f32 = 1e-5;
+
+/// Why sampling parameters or a logit row were rejected.
+#[derive(Debug, Clone, PartialEq, Error)]
+pub enum SamplingError {
+    #[error("temperature must be a finite number >= 0, got {0}")]
+    InvalidTemperature(f32),
+    #[error("top_p must be in (0, 1], got {0}")]
+    InvalidTopP(f32),
+    #[error("cannot sample from an empty vocabulary")]
+    EmptyVocabulary,
+    #[error("a vocabulary of {0} entries does not fit u32 token ids")]
+    VocabularyTooLarge(usize),
+    #[error("logit {index} is {value}; logits must be finite or -inf")]
+    NonFiniteLogit { index: usize, value: f32 },
+    #[error("every logit is -inf, so no token can be drawn")]
+    NoCandidate,
+    #[error("the uniform draw {0} is outside [0, 1)")]
+    InvalidUniform(f64),
+    #[error("{what} has {got} values, expected {expected}")]
+    LengthMismatch {
+        what: &'static str,
+        expected: usize,
+        got: usize,
+    },
+    #[error("a batch of {images} images cannot own {rows} logit rows evenly")]
+    RowsPerImage { rows: usize, images: usize },
+}
+
+/// How a token is chosen from a row of logits.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SamplingParams {
+    /// Logits are divided by `max(temperature, 1e-5)` before filtering.
+    pub temperature: f32,
+    /// Keep the `top_k` largest logits (and ties with the smallest of them); 0 = off.
+    pub top_k: usize,
+    /// Nucleus threshold in (0, 1]; 1 = off.
+    pub top_p: f32,
+    /// Take the arg-max instead of drawing (the mode the conformance fixtures use).
+    pub greedy: bool,
+}
+
+impl Default for SamplingParams {
+    /// Upstream's defaults: temperature 1, no top-k, no top-p, a random draw.
+    fn default() -> Self {
+        Self {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            greedy: false,
+        }
+    }
+}
+
+impl SamplingParams {
+    /// Checks the parameters; called by every sampling function.
+    pub fn validate(&self) -> Result<(), SamplingError> {
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return Err(SamplingError::InvalidTemperature(self.temperature));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(SamplingError::InvalidTopP(self.top_p));
+        }
+        Ok(())
+    }
+}
+
+/// The random stream of one image: ChaCha8 seeded from the run seed, with the stream (nonce)
+/// set to the image's index, so images are independent and each is reproducible alone.
+#[derive(Debug, Clone)]
+pub struct ImageRng(ChaCha8Rng);
+
+impl ImageRng {
+    /// The stream for image `image_index` of a run seeded with `seed`.
+    pub fn new(seed: u64, image_index: u64) -> Self {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        rng.set_stream(image_index);
+        Self(rng)
+    }
+}
+
+impl RngCore for ImageRng {
+    fn next_u32(&mut self) -> u32 {
+        self.0.next_u32()
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        self.0.next_u64()
+    }
+
+    fn fill_bytes(&mut self, dst: &mut [u8]) {
+        self.0.fill_bytes(dst)
+    }
+}
+
+/// Applies temperature, top-k and top-p to `logits` in place, leaving removed tokens at −∞:
+/// the distribution upstream's softmax sees.
+///
+/// Logits must be finite or −∞ (−∞ marks an already excluded token), with at least one
+/// finite.
+pub fn filter_logits(logits: &mut [f32], params: &SamplingParams) -> Result<(), SamplingError> {
+    params.validate()?;
+    let divisor = params.temperature.max(MIN_TEMPERATURE);
+    logits.iter_mut().for_each(|l| *l /= divisor);
+    check_logits(logits)?;
+    // Top-k first, then top-p. Upstream runs top-k only when top_k > 0 (its
+    // `min(max(top_k, 1), V)` sits inside that branch), so top_k = 0 with top_p < 1 is top-p
+    // alone, not "keep one".
+    if params.top_k > 0 {
+        top_k(logits, params.top_k);
+    }
+    if params.top_p < 1.0 {
+        top_p(logits, params.top_p);
+    }
+    Ok(())
+}
+
+/// Chooses a token from one row of logits (one output position of one image).
+///
+/// Greedy mode returns the first index of the largest logit and ignores temperature and
+/// filters (neither can change the arg-max). Otherwise the row is filtered as
+/// [`filter_logits`], turned into probabilities with a softmax, and one token is drawn with a
+/// uniform from `rng`. `logits` is used as scratch: on return it holds the probabilities
+/// (sampling) or is unchanged (greedy).
+pub fn sample_row<R: Rng + ?Sized>(
+    logits: &mut [f32],
+    params: &SamplingParams,
+    rng: &mut R,
+) -> Result<u32, SamplingError> {
+    if params.greedy {
+        params.validate()?;
+        return greedy(logits);
+    }
+    let u: f64 = rng.random();
+    sample_row_with_uniform(logits, params, u)
+}
+
+/// [`sample_row`] with the uniform supplied by the caller (for conformance tests that inject
+/// upstream's draws). `u` must lie in [0, 1); the token is the first whose cumulative
+/// probability, in vocabulary order, exceeds `u` times the total.
+pub fn sample_row_with_uniform(
+    logits: &mut [f32],
+    params: &SamplingParams,
+    u: f64,
+) -> Result<u32, SamplingError> {
+    if !(0.0..1.0).contains(&u) {
+        return Err(SamplingError::InvalidUniform(u));
+    }
+    if params.greedy {
+        params.validate()?;
+        return greedy(logits);
+    }
+    filter_logits(logits, params)?;
+    softmax(logits);
+    draw(logits, u)
+}
+
+/// Samples every row of a `(batch, positions, vocab)` block into `(batch, positions)` tokens;
+/// row `b` draws from `rngs[b]`, positions in order, so each image's stream is used the same
+/// way whatever else is in the batch. `logits` is used as scratch.
+pub fn sample_block<R: Rng>(
+    logits: &mut [f32],
+    vocab: usize,
+    params: &SamplingParams,
+    rngs: &mut [R],
+    tokens: &mut [u32],
+) -> Result<(), SamplingError> {
+    if vocab == 0 {
+        return Err(SamplingError::EmptyVocabulary);
+    }
+    let expected = tokens.len().saturating_mul(vocab);
+    if logits.len() != expected {
+        return Err(SamplingError::LengthMismatch {
+            what: "logit block",
+            expected,
+            got: logits.len(),
+        });
+    }
+    let images = rngs.len();
+    if images == 0 || !tokens.len().is_multiple_of(images) {
+        return Err(SamplingError::RowsPerImage {
+            rows: tokens.len(),
+            images,
+        });
+    }
+    let positions = tokens.len() / images;
+    for (i, (row, token)) in logits
+        .chunks_exact_mut(vocab)
+        .zip(tokens.iter_mut())
+        .enumerate()
+    {
+        *token = sample_row(row, params, &mut rngs[i / positions])?;
+    }
+    Ok(())
+}
+
+/// Rejects NaN and +∞ (upstream's softmax would turn them into NaN and `multinomial` would
+/// fail) and rows with nothing left to choose.
+fn check_logits(logits: &[f32]) -> Result<(), SamplingError> {
+    check_vocabulary(logits.len())?;
+    if let Some((index, &value)) = logits
+        .iter()
+        .enumerate()
+        .find(|(_, l)| l.is_nan() || **l == f32::INFINITY)
+    {
+        return Err(SamplingError::NonFiniteLogit { index, value });
+    }
+    if logits.iter().all(|&l| l == f32::NEG_INFINITY) {
+        return Err(SamplingError::NoCandidate);
+    }
+    Ok(())
+}
+
+/// Rejects vocabularies that are empty or whose indices do not fit u32 token ids.
+fn check_vocabulary(len: usize) -> Result<(), SamplingError> {
+    match len {
+        0 => Err(SamplingError::EmptyVocabulary),
+        len if u32::try_from(len - 1).is_err() => Err(SamplingError::VocabularyTooLarge(len)),
+        _ => Ok(()),
+    }
+}
+
+fn greedy(logits: &[f32]) -> Result<u32, SamplingError> {
+    check_logits(logits)?;
+    let mut best = 0;
+    for (i, &l) in logits.iter().enumerate() {
+        if l > logits[best] {
+            best = i;
+        }
+    }
+    index_to_token(best)
+}
+
+fn index_to_token(index: usize) -> Result<u32, SamplingError> {
+    u32::try_from(index).map_err(|_| SamplingError::VocabularyTooLarge(index + 1))
+}
+
+/// Sets every logit strictly below the k-th largest (k ≥ 1) to −∞, so ties with it survive.
+/// Selection is O(V) on a copy; the row keeps its order.
+fn top_k(logits: &mut [f32], k: usize) {
+    let k = k.min(logits.len());
+    if k == logits.len() {
+        return;
+    }
+    let mut scratch = logits.to_vec();
+    let (_, &mut threshold, _) = scratch.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
+    for l in logits.iter_mut() {
+        if *l < threshold {
+            *l = f32::NEG_INFINITY;
+        }
+    }
+}
+
+/// Nucleus filtering as upstream: sort descending, softmax, cumulative sum, mark entries
+/// whose cumulative probability exceeds `p`, shift the marks right by one (keeping the first
+/// entry past the threshold, and always the top one), and set the marked to −∞.
+///
+/// Only finite logits are sorted: −∞ entries have probability 0, sort last and are already
+/// removed, so they cannot change the outcome. Ties sort by ascending index. The cumulative
+/// sum accumulates in f64 and is compared in f32, as PyTorch's CPU `cumsum` does.
+fn top_p(logits: &mut [f32], p: f32) {
+    let mut order: Vec<usize> = (0..logits.len())
+        .filter(|&i| logits[i] > f32::NEG_INFINITY)
+        .collect();
+    order.sort_unstable_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+    let Some(&top) = order.first() else {
+        return;
+    };
+    let max = logits[top];
+    let exps: Vec<f32> = order.iter().map(|&i| (logits[i] - max).exp()).collect();
+    let sum: f32 = exps.iter().sum();
+    let mut cumulative = 0.0f64;
+    let mut previous_exceeds = false;
+    for (&i, &e) in order.iter().zip(&exps) {
+        cumulative += f64::from(e / sum);
+        if previous_exceeds {
+            logits[i] = f32::NEG_INFINITY;
+        }
+        previous_exceeds = (cumulative as f32) > p;
+    }
+}
+
+/// In-place softmax; −∞ entries become 0. The row holds at least one finite logit.
+fn softmax(logits: &mut [f32]) {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0f32;
+    for l in logits.iter_mut() {
+        *l = (*l - max).exp();
+        sum += *l;
+    }
+    logits.iter_mut().for_each(|l| *l /= sum);
+}
+
+/// Inverse-CDF draw over probabilities in vocabulary order: the first token whose cumulative
+/// probability exceeds `u` times the total. Zero-probability tokens are never chosen; if
+/// rounding leaves the target at the very end, the last possible token is taken.
+fn draw(probs: &[f32], u: f64) -> Result<u32, SamplingError> {
+    let total: f64 = probs.iter().map(|&p| f64::from(p)).sum();
+    let target = u * total;
+    let mut cumulative = 0.0f64;
+    let mut last = None;
+    for (i, &p) in probs.iter().enumerate() {
+        if p > 0.0 {
+            cumulative += f64::from(p);
+            last = Some(i);
+            if target < cumulative {
+                return index_to_token(i);
+            }
+        }
+    }
+    last.map_or(Err(SamplingError::NoCandidate), index_to_token)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(temperature: f32, top_k: usize, top_p: f32) -> SamplingParams {
+        SamplingParams {
+            temperature,
+            top_k,
+            top_p,
+            greedy: false,
+        }
+    }
+
+    fn kept(logits: &[f32], p: &SamplingParams) -> Vec<usize> {
+        let mut row = logits.to_vec();
+        filter_logits(&mut row, p).unwrap();
+        (0..row.len())
+            .filter(|&i| row[i] > f32::NEG_INFINITY)
+            .collect()
+    }
+
+    fn ln(probs: &[f32]) -> Vec<f32> {
+        probs.iter().map(|p| p.ln()).collect()
+    }
+
+    #[test]
+    fn top_k_keeps_ties_at_the_threshold() {
+        let logits = [1.0, 3.0, 2.0, 2.0, 0.0, 2.0];
+        assert_eq!(kept(&logits, &params(1.0, 2, 1.0)), [1, 2, 3, 5]);
+        assert_eq!(kept(&logits, &params(1.0, 1, 1.0)), [1]);
+        assert_eq!(kept(&logits, &params(1.0, 6, 1.0)), [0, 1, 2, 3, 4, 5]);
+        assert_eq!(kept(&logits, &params(1.0, 100, 1.0)), [0, 1, 2, 3, 4, 5]);
+        // Surviving logits are untouched (temperature 1).
+        let mut row = logits.to_vec();
+        filter_logits(&mut row, &params(1.0, 2, 1.0)).unwrap();
+        assert_eq!(row[1], 3.0);
+        assert_eq!(row[0], f32::NEG_INFINITY);
+    }
+
+    #[test]
+    fn top_p_keeps_the_first_token_past_the_threshold() {
+        // Sorted probabilities 0.5, 0.3, 0.15, 0.05: cumulative 0.5, 0.8, 0.95, 1.0.
+        let logits = ln(&[0.15, 0.5, 0.05, 0.3]);
+        // 0.8 is the first cumulative value above 0.6; its token (index 3) stays.
+        assert_eq!(kept(&logits, &params(1.0, 0, 0.6)), [1, 3]);
+        assert_eq!(kept(&logits, &params(1.0, 0, 0.9)), [0, 1, 3]);
+        // The top token always stays.
+        assert_eq!(kept(&logits, &params(1.0, 0, 0.1)), [1]);
+        // top_k = 0 means no top-k at all, not "keep one".
+        assert_eq!(kept(&logits, &params(1.0, 0, 0.99)), [0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn top_k_runs_before_top_p() {
+        let logits = ln(&[0.4, 0.3, 0.2, 0.1]);
+        let p = params(1.0, 2, 0.5);
+        // Top-k first: {0, 1} renormalised to 0.57, 0.43, cumulative 0.57 > 0.5 already, so
+        // only token 0 survives. Top-p first would keep {0, 1} (cumulative 0.4, 0.7).
+        assert_eq!(kept(&logits, &p), [0]);
+        for u in [0.0, 0.5, 0.999] {
+            assert_eq!(sample_row_with_uniform(&mut logits.clone(), &p, u), Ok(0));
+        }
+    }
+
+    #[test]
+    fn temperature_is_floored() {
+        let logits = [1.0f32, 1.00001, -2.0];
+        let mut row = logits.to_vec();
+        filter_logits(&mut row, &params(0.0, 0, 1.0)).unwrap();
+        let expected: Vec<f32> = logits.iter().map(|l| l / 1e-5).collect();
+        assert_eq!(row, expected);
+        assert!(row.iter().all(|l| l.is_finite()));
+        // Temperature 0 is effectively greedy but never divides by zero.
+        let sharp = [0.0f32, 1.0, 0.5];
+        let mut rng = ImageRng::new(1, 0);
+        for _ in 0..100 {
+            let token = sample_row(&mut sharp.to_vec(), &params(0.0, 0, 1.0), &mut rng);
+            assert_eq!(token, Ok(1));
+        }
+    }
+
+    #[test]
+    fn temperature_divides_logits() {
+        let mut row = vec![2.0f32, -4.0];
+        filter_logits(&mut row, &params(2.0, 0, 1.0)).unwrap();
+        assert_eq!(row, [1.0, -2.0]);
+    }
+
+    #[test]
+    fn greedy_takes_the_first_maximum_and_ignores_temperature() {
+        let logits = [1.0f32, 5.0, 5.0, 2.0, f32::NEG_INFINITY];
+        let mut rng = ImageRng::new(0, 0);
+        for temperature in [0.0, 0.5, 1.0, 100.0] {
+            let p = SamplingParams {
+                temperature,
+                top_k: 1,
+                top_p: 0.5,
+                greedy: true,
+            };
+            let mut row = logits.to_vec();
+            assert_eq!(sample_row(&mut row, &p, &mut rng), Ok(1));
+            assert_eq!(row, logits);
+        }
+    }
+
+    #[test]
+    fn draws_follow_inverse_cdf_in_vocabulary_order() {
+        let logits = ln(&[0.25, 0.5, 0.25]);
+        let p = SamplingParams::default();
+        assert_eq!(sample_row_with_uniform(&mut logits.clone(), &p, 0.0), Ok(0));
+        assert_eq!(sample_row_with_uniform(&mut logits.clone(), &p, 0.2), Ok(0));
+        assert_eq!(sample_row_with_uniform(&mut logits.clone(), &p, 0.3), Ok(1));
+        assert_eq!(sample_row_with_uniform(&mut logits.clone(), &p, 0.7), Ok(1));
+        assert_eq!(sample_row_with_uniform(&mut logits.clone(), &p, 0.8), Ok(2));
+        assert_eq!(
+            sample_row_with_uniform(&mut logits.clone(), &p, 1.0 - f64::EPSILON),
+            Ok(2)
+        );
+        // A cumulative boundary belongs to the next token: [0, 0.5) → 0, [0.5, 1) → 1.
+        let even = [0.0f32, 0.0];
+        assert_eq!(sample_row_with_uniform(&mut even.to_vec(), &p, 0.5), Ok(1));
+        // A removed (−∞) token is never drawn, even at the edges.
+        let masked = [f32::NEG_INFINITY, 0.0, f32::NEG_INFINITY];
+        for u in [0.0, 0.5, 1.0 - f64::EPSILON] {
+            assert_eq!(sample_row_with_uniform(&mut masked.to_vec(), &p, u), Ok(1));
+        }
+    }
+
+    #[test]
+    fn draws_follow_the_probabilities() {
+        let probs = [0.1f32, 0.2, 0.3, 0.4];
+        let logits = ln(&probs);
+        let p = SamplingParams::default();
+        let mut rng = ImageRng::new(12345, 0);
+        let n = 20_000usize;
+        let mut counts = [0usize; 4];
+        for _ in 0..n {
+            let token = sample_row(&mut logits.clone(), &p, &mut rng).unwrap();
+            counts[token as usize] += 1;
+        }
+        for (count, prob) in counts.iter().zip(probs) {
+            let mean = n as f64 * f64::from(prob);
+            let sigma = (mean * (1.0 - f64::from(prob))).sqrt();
+            assert!(
+                (*count as f64 - mean).abs() < 4.0 * sigma,
+                "counts {counts:?} for {probs:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn streams_are_reproducible_per_image() {
+        let logits: Vec<f32> = (0..64).map(|i| ((i * 37) % 11) as f32 * 0.3).collect();
+        let p = params(1.0, 20, 0.95);
+        let run = |seed: u64, image: u64| -> Vec<u32> {
+            let mut rng = ImageRng::new(seed, image);
+            (0..64)
+                .map(|_| sample_row(&mut logits.clone(), &p, &mut rng).unwrap())
+                .collect()
+        };
+        assert_eq!(run(7, 3), run(7, 3));
+        assert_ne!(run(7, 3), run(7, 4));
+        assert_ne!(run(7, 3), run(8, 3));
+    }
+
+    #[test]
+    fn block_sampling_does_not_depend_on_the_batch() {
+        let vocab = 16;
+        let positions = 3;
+        let row: Vec<f32> = (0..vocab).map(|i| (i % 5) as f32 * 0.2).collect();
+        let image_tokens = |seed: u64, index: u64| -> Vec<u32> {
+            let mut logits = row.repeat(positions);
+            let mut tokens = vec![0; positions];
+            let mut rngs = [ImageRng::new(seed, index)];
+            sample_block(
+                &mut logits,
+                vocab,
+                &SamplingParams::default(),
+                &mut rngs,
+                &mut tokens,
+            )
+            .unwrap();
+            tokens
+        };
+        let mut logits = row.repeat(2 * positions);
+        let mut tokens = vec![0; 2 * positions];
+        let mut rngs = [ImageRng::new(9, 5), ImageRng::new(9, 6)];
+        sample_block(
+            &mut logits,
+            vocab,
+            &SamplingParams::default(),
+            &mut rngs,
+            &mut tokens,
+        )
+        .unwrap();
+        assert_eq!(tokens[..positions], image_tokens(9, 5)[..]);
+        assert_eq!(tokens[positions..], image_tokens(9, 6)[..]);
+    }
+
+    #[test]
+    fn invalid_parameters_are_rejected() {
+        for t in [-0.5, f32::NAN, f32::INFINITY] {
+            assert!(matches!(
+                params(t, 0, 1.0).validate(),
+                Err(SamplingError::InvalidTemperature(_))
+            ));
+        }
+        for top_p in [0.0, -0.1, 1.5, f32::NAN] {
+            assert!(matches!(
+                params(1.0, 0, top_p).validate(),
+                Err(SamplingError::InvalidTopP(_))
+            ));
+        }
+        assert_eq!(params(0.0, 5, 1.0).validate(), Ok(()));
+        let mut rng = ImageRng::new(0, 0);
+        assert!(matches!(
+            sample_row(&mut [1.0], &params(-1.0, 0, 1.0), &mut rng),
+            Err(SamplingError::InvalidTemperature(_))
+        ));
+    }
+
+    #[test]
+    fn invalid_rows_are_rejected() {
+        let p = SamplingParams::default();
+        let mut rng = ImageRng::new(0, 0);
+        assert_eq!(
+            sample_row(&mut [], &p, &mut rng),
+            Err(SamplingError::EmptyVocabulary)
+        );
+        assert!(matches!(
+            sample_row(&mut [0.0, f32::NAN], &p, &mut rng),
+            Err(SamplingError::NonFiniteLogit { index: 1, .. })
+        ));
+        assert!(matches!(
+            sample_row(&mut [f32::INFINITY, 0.0], &p, &mut rng),
+            Err(SamplingError::NonFiniteLogit { index: 0, .. })
+        ));
+        assert_eq!(
+            sample_row(&mut [f32::NEG_INFINITY; 3], &p, &mut rng),
+            Err(SamplingError::NoCandidate)
+        );
+        let greedy = SamplingParams { greedy: true, ..p };
+        assert!(matches!(
+            sample_row(&mut [f32::NAN], &greedy, &mut rng),
+            Err(SamplingError::NonFiniteLogit { .. })
+        ));
+        assert_eq!(
+            sample_row_with_uniform(&mut [0.0], &p, 1.0),
+            Err(SamplingError::InvalidUniform(1.0))
+        );
+        let mut tokens = [0u32; 4];
+        assert!(matches!(
+            sample_block(
+                &mut [0.0; 8],
+                2,
+                &p,
+                &mut [rng.clone(), rng.clone(), rng.clone()],
+                &mut tokens
+            ),
+            Err(SamplingError::RowsPerImage { rows: 4, images: 3 })
+        ));
+        assert!(matches!(
+            sample_block(&mut [0.0; 7], 2, &p, &mut [rng.clone()], &mut tokens),
+            Err(SamplingError::LengthMismatch { .. })
+        ));
+    }
+}

@@ -1,0 +1,112 @@
+//! `narx export`: checkpoint → model directory.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::{Args, ValueEnum};
+
+use narx_export::checkpoint::open_checkpoint;
+use narx_export::model_dir::{export, ExportRequest};
+use narx_export::presets::{preset, preset_names};
+use narx_graphs::nar::ModelArgs;
+use narx_graphs::DType;
+
+use super::BadInput;
+
+#[derive(Args)]
+pub struct ExportArgs {
+    /// Checkpoint: safetensors, or a PyTorch `.pt`/`.pth` (read without running any code).
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Model shape: nar-b, nar-m, nar-l, nar-xl, nar-xxl (c2i) or nar-xl-t2i.
+    #[arg(long, conflicts_with = "config", required_unless_present = "config")]
+    preset: Option<String>,
+    /// JSON object with upstream `ModelArgs` fields, instead of a preset.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Latent grid side n (image n·16 px); default from the config's block_size.
+    #[arg(long)]
+    grid: Option<usize>,
+    /// Precision of weights and matmuls.
+    #[arg(long, value_enum, default_value = "fp32")]
+    dtype: Precision,
+    /// Replace the output directory if it is a model directory already.
+    #[arg(long)]
+    force: bool,
+    /// Model directory to write.
+    #[arg(short, long)]
+    output: PathBuf,
+    /// Print the manifest as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum Precision {
+    Fp32,
+    Fp16,
+}
+
+impl Precision {
+    pub fn dtype(self) -> DType {
+        match self {
+            Precision::Fp32 => DType::F32,
+            Precision::Fp16 => DType::F16,
+        }
+    }
+}
+
+/// `--preset` or `--config` → upstream `ModelArgs`.
+pub fn model_args(
+    preset_name: Option<&str>,
+    config: Option<&PathBuf>,
+) -> anyhow::Result<ModelArgs> {
+    if let Some(name) = preset_name {
+        return preset(name).ok_or_else(|| {
+            BadInput(format!(
+                "unknown preset {name:?}; known presets: {}",
+                preset_names().join(", ")
+            ))
+            .into()
+        });
+    }
+    let path = config.ok_or_else(|| BadInput("pass --preset NAME or --config FILE".into()))?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| BadInput(format!("cannot read config {}: {e}", path.display())))?;
+    serde_json::from_str(&text)
+        .map_err(|e| BadInput(format!("config {}: {e}", path.display())).into())
+}
+
+pub fn run(args: ExportArgs) -> anyhow::Result<()> {
+    let model = model_args(args.preset.as_deref(), args.config.as_ref())?;
+    if args.grid == Some(0) {
+        return Err(BadInput("--grid must be at least 1".into()).into());
+    }
+    let started = Instant::now();
+    let source = open_checkpoint(&args.checkpoint)?;
+    let manifest = export(&ExportRequest {
+        source: source.as_ref(),
+        args: model,
+        grid: args.grid,
+        dtype: args.dtype.dtype(),
+        output: args.output.clone(),
+        force: args.force,
+    })
+    .with_context(|| format!("exporting {}", args.checkpoint.display()))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&manifest)?);
+    } else {
+        println!(
+            "exported {} ({} parameters, grid {}×{}, {:?}) to {} in {:.1} s",
+            manifest.family,
+            manifest.parameters,
+            manifest.grid[0],
+            manifest.grid[1],
+            manifest.dtype,
+            args.output.display(),
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}

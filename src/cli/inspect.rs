@@ -1,0 +1,101 @@
+//! `narx inspect`: what a model directory holds.
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+use narx_graphs::manifest::{Condition, GraphFile, Manifest};
+use narx_graphs::Dim;
+
+#[derive(Args)]
+pub struct InspectArgs {
+    /// Model directory written by `narx export`.
+    model: PathBuf,
+    /// Print the manifest as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn shape(dims: &[Dim]) -> String {
+    let parts: Vec<String> = dims
+        .iter()
+        .map(|d| match d {
+            Dim::Fixed(n) => n.to_string(),
+            Dim::Named(s) => s.clone(),
+        })
+        .collect();
+    format!("({})", parts.join(", "))
+}
+
+fn graph(role: &str, g: &GraphFile) {
+    println!("{role} graph: {} ({})", g.file, human_bytes(g.bytes));
+    for t in &g.inputs {
+        println!("  in   {:<22} {:?} {}", t.name, t.dtype, shape(&t.shape));
+    }
+    for t in &g.outputs {
+        println!("  out  {:<22} {:?} {}", t.name, t.dtype, shape(&t.shape));
+    }
+}
+
+fn human_bytes(n: u64) -> String {
+    match n {
+        n if n >= 1 << 30 => format!("{:.2} GiB", n as f64 / (1u64 << 30) as f64),
+        n if n >= 1 << 20 => format!("{:.1} MiB", n as f64 / (1u64 << 20) as f64),
+        n if n >= 1 << 10 => format!("{:.1} KiB", n as f64 / 1024.0),
+        n => format!("{n} B"),
+    }
+}
+
+pub fn run(args: InspectArgs) -> anyhow::Result<()> {
+    let m = Manifest::load(&args.model)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&m)?);
+        return Ok(());
+    }
+    let c = &m.config;
+    let steps = m.grid.iter().sum::<usize>() + 1 - m.grid.len();
+    println!("{}: {}", args.model.display(), m.family);
+    println!(
+        "  {} parameters: {} blocks (+1 extra), {} heads ({} kv), dim {}, vocab {}",
+        m.parameters, c.n_layer, c.n_head, m.kv_cache.kv_heads, c.dim, m.vocab_size
+    );
+    let grid: Vec<String> = m.grid.iter().map(usize::to_string).collect();
+    println!(
+        "  grid {} → {} model calls; weights {:?} in {} ({})",
+        grid.join("×"),
+        steps,
+        m.dtype,
+        m.weights.file,
+        human_bytes(m.weights.bytes)
+    );
+    match &m.condition {
+        Condition::Class {
+            num_classes,
+            null_class,
+        } => println!(
+            "  condition: class 0..{} (null class {null_class:?})",
+            num_classes - 1
+        ),
+        Condition::Caption { tokens, dim } => {
+            println!("  condition: caption features ({tokens}, {dim}) with mask")
+        }
+    }
+    let heads: Vec<String> = m
+        .heads
+        .iter()
+        .map(|h| format!("{} (axis {}, {})", h.name, h.axis, h.output))
+        .collect();
+    println!("  heads: {}", heads.join(", "));
+    let s = &m.sampling;
+    println!(
+        "  sampling defaults: cfg {} (interval {}), temperature {}, top-k {}, top-p {}",
+        s.cfg_scale, s.cfg_interval, s.temperature, s.top_k, s.top_p
+    );
+    println!(
+        "  KV cache: {} layout, {} layers, capacity {} positions",
+        m.kv_cache.layout, m.kv_cache.layers, m.kv_cache.capacity
+    );
+    graph("prefill", &m.graphs.prefill);
+    graph("step", &m.graphs.step);
+    Ok(())
+}

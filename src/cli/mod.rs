@@ -1,0 +1,89 @@
+//! The command line: one file per subcommand.
+
+mod demo;
+mod export;
+mod inspect;
+mod run;
+
+use clap::{Parser, Subcommand};
+
+use narx_export::checkpoint::CheckpointError;
+use narx_export::ExportError;
+use narx_graphs::GraphError;
+use narx_runtime::RuntimeError;
+
+#[derive(Parser)]
+#[command(
+    name = "narx",
+    version,
+    about = "Export NAR visual generators to ONNX and run them fast"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Export a NAR checkpoint to a model directory (ONNX graphs + manifest).
+    Export(export::ExportArgs),
+    /// Generate token grids with an exported model.
+    Run(run::RunArgs),
+    /// Show what a model directory holds.
+    Inspect(inspect::InspectArgs),
+    /// Build a small random-weight model, export it and generate: the whole pipeline with
+    /// nothing downloaded.
+    Demo(demo::DemoArgs),
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Export(args) => export::run(args),
+        Command::Run(args) => run::run(args),
+        Command::Inspect(args) => inspect::run(args),
+        Command::Demo(args) => demo::run(args),
+    }
+}
+
+/// An error in what the user asked for (flags, files, values): exit code 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct BadInput(pub String);
+
+/// 2 when the user's input is at fault, 1 when something failed on the way.
+pub fn exit_code(err: &anyhow::Error) -> u8 {
+    for cause in err.chain() {
+        let bad = if cause.is::<BadInput>() {
+            true
+        } else if let Some(e) = cause.downcast_ref::<ExportError>() {
+            e.is_bad_input()
+        } else if let Some(e) = cause.downcast_ref::<RuntimeError>() {
+            e.is_bad_input()
+        } else if let Some(e) = cause.downcast_ref::<GraphError>() {
+            !matches!(e, GraphError::Io { .. })
+        } else {
+            cause.is::<CheckpointError>()
+        };
+        if bad {
+            return 2;
+        }
+    }
+    1
+}
+
+/// Writes `bytes` to `path` through a temporary sibling and a rename, so a reader never sees
+/// a half-written file and a failure leaves none.
+pub fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let name = path
+        .file_name()
+        .ok_or_else(|| BadInput(format!("{} is not a file name", path.display())))?;
+    let temp = path.with_file_name(format!(".{}.partial", name.to_string_lossy()));
+    let result = std::fs::write(&temp, bytes).and_then(|()| std::fs::rename(&temp, path));
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&temp);
+        return Err(BadInput(format!("cannot write {}: {e}", path.display())))
+            .context("writing output");
+    }
+    Ok(())
+}

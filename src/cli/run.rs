@@ -1,0 +1,253 @@
+//! `narx run`: generate token grids with an exported model.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use clap::{Args, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use narx_export::checkpoint::{SafetensorsFile, TensorSource};
+use narx_graphs::manifest::{Condition, Manifest};
+use narx_runtime::backend::ort::OrtOptions;
+use narx_runtime::generate::{GenerateOptions, Generation, Prompts};
+use narx_runtime::load::{AnyGenerator, LoadOptions, Provider};
+use narx_runtime::sampling::SamplingParams;
+
+use super::{write_atomically, BadInput};
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// Model directory written by `narx export`.
+    model: PathBuf,
+    /// Class label of an image (c2i); repeat for a batch.
+    #[arg(long = "class")]
+    classes: Vec<i64>,
+    /// Safetensors file with `caption_embeddings` (B, tokens, dim) and `caption_mask`
+    /// (B, tokens), left-padded as upstream's sampler prepares them (t2i).
+    #[arg(long)]
+    caption_embeddings: Option<PathBuf>,
+    #[command(flatten)]
+    backend: BackendArgs,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// Write the tokens as JSON: {"tokens": [[...], ...], "grid": [...]}, raster order.
+    #[arg(long)]
+    tokens_out: Option<PathBuf>,
+    /// Print results as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Which backend runs the model, and how.
+#[derive(Args)]
+pub struct BackendArgs {
+    /// auto: ONNX Runtime if its library is found, else tract.
+    #[arg(long, value_enum, default_value = "auto")]
+    provider: ProviderArg,
+    /// ONNX Runtime shared library (else ORT_DYLIB_PATH, else the usual places).
+    #[arg(long)]
+    ort_lib: Option<PathBuf>,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ProviderArg {
+    Auto,
+    Tract,
+    Cpu,
+}
+
+impl BackendArgs {
+    /// Opens the model; says on stderr which backend `auto` picked.
+    pub fn open(&self, dir: &Path) -> anyhow::Result<AnyGenerator> {
+        if self.threads == Some(0) {
+            return Err(BadInput("--threads must be at least 1".into()).into());
+        }
+        let provider = match self.provider {
+            ProviderArg::Auto => Provider::Auto,
+            ProviderArg::Tract => Provider::Tract,
+            ProviderArg::Cpu => Provider::Cpu,
+        };
+        let options = LoadOptions {
+            ort: OrtOptions {
+                library: self.ort_lib.clone(),
+                intra_threads: self.threads,
+            },
+            threads: self.threads,
+        };
+        let (generator, note) = AnyGenerator::open(dir, provider, &options)?;
+        if let Some(note) = note {
+            eprintln!("narx: {note}");
+        }
+        Ok(generator)
+    }
+}
+
+/// Guidance and sampling; unset values come from the manifest (upstream's sample scripts).
+#[derive(Args)]
+pub struct SamplingArgs {
+    /// Classifier-free guidance scale (≤ 1 turns guidance off).
+    #[arg(long)]
+    cfg_scale: Option<f32>,
+    /// Stop guiding once more than this many tokens exist (-1: never), as upstream counts.
+    #[arg(long, allow_negative_numbers = true)]
+    cfg_interval: Option<i64>,
+    #[arg(long)]
+    temperature: Option<f32>,
+    /// Keep the K most likely tokens (ties kept; 0 = off).
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// Nucleus sampling threshold in (0, 1].
+    #[arg(long)]
+    top_p: Option<f32>,
+    /// Arg-max instead of sampling (what the conformance fixtures use).
+    #[arg(long)]
+    greedy: bool,
+    /// Seed; each image draws from its own stream, so results don't depend on the batch.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+impl SamplingArgs {
+    pub fn options(&self, manifest: &Manifest) -> anyhow::Result<GenerateOptions> {
+        let defaults = &manifest.sampling;
+        let cfg_scale = self.cfg_scale.unwrap_or(defaults.cfg_scale);
+        if !cfg_scale.is_finite() {
+            return Err(BadInput(format!("--cfg-scale {cfg_scale} is not a number")).into());
+        }
+        let sampling = SamplingParams {
+            temperature: self.temperature.unwrap_or(defaults.temperature),
+            top_k: self.top_k.unwrap_or(defaults.top_k),
+            top_p: self.top_p.unwrap_or(defaults.top_p),
+            greedy: self.greedy,
+        };
+        sampling
+            .validate()
+            .map_err(|e| BadInput(format!("sampling options: {e}")))?;
+        Ok(GenerateOptions {
+            cfg_scale,
+            cfg_interval: self.cfg_interval.unwrap_or(defaults.cfg_interval),
+            sampling,
+            seed: self.seed,
+        })
+    }
+}
+
+/// The prompts a run asks for, checked against the model's condition.
+fn prompts(args: &RunArgs, manifest: &Manifest) -> anyhow::Result<Prompts> {
+    match &manifest.condition {
+        Condition::Class { num_classes, .. } => {
+            if args.caption_embeddings.is_some() {
+                return Err(BadInput(
+                    "this model is class-conditional: use --class, not --caption-embeddings".into(),
+                )
+                .into());
+            }
+            if args.classes.is_empty() {
+                return Err(BadInput(format!(
+                    "give at least one --class N (0..{})",
+                    num_classes - 1
+                ))
+                .into());
+            }
+            Ok(Prompts::Classes(args.classes.clone()))
+        }
+        Condition::Caption { tokens, dim } => {
+            if !args.classes.is_empty() {
+                return Err(BadInput(
+                    "this model is text-conditional: use --caption-embeddings, not --class".into(),
+                )
+                .into());
+            }
+            let path = args.caption_embeddings.as_ref().ok_or_else(|| {
+                BadInput(
+                    "give --caption-embeddings F.safetensors for a text-conditional model".into(),
+                )
+            })?;
+            read_captions(path, *tokens, *dim)
+        }
+    }
+}
+
+/// Reads `caption_embeddings` (B, tokens, dim) and `caption_mask` (B, tokens).
+pub fn read_captions(path: &Path, tokens: usize, dim: usize) -> anyhow::Result<Prompts> {
+    let file = SafetensorsFile::open(path)?;
+    let shape = |name: &str| {
+        file.shape(name)
+            .ok_or_else(|| BadInput(format!("{}: no tensor {name}", path.display())))
+    };
+    let emb_shape = shape("caption_embeddings")?;
+    let mask_shape = shape("caption_mask")?;
+    let count = emb_shape.first().copied().unwrap_or(0);
+    if emb_shape != [count, tokens, dim] || mask_shape != [count, tokens] || count == 0 {
+        return Err(BadInput(format!(
+            "{}: caption_embeddings is {emb_shape:?} and caption_mask {mask_shape:?}; this model \
+             expects (B, {tokens}, {dim}) and (B, {tokens}) with B ≥ 1",
+            path.display()
+        ))
+        .into());
+    }
+    Ok(Prompts::Captions {
+        embeddings: file.read_f32("caption_embeddings")?,
+        mask: file.read_f32("caption_mask")?,
+        count,
+    })
+}
+
+/// Runs a generation with a progress bar (one tick per model call) on stderr.
+pub fn generate_with_progress(
+    generator: &mut AnyGenerator,
+    prompts: &Prompts,
+    options: &GenerateOptions,
+) -> anyhow::Result<Generation> {
+    let bar = ProgressBar::new(generator.calls() as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {msg} [{bar:30}] {pos}/{len} calls {elapsed}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.set_message(generator.engine_name());
+    let result = generator.generate(prompts, options, &mut |_| bar.inc(1));
+    bar.finish_and_clear();
+    Ok(result?)
+}
+
+pub fn tokens_json(generation: &Generation) -> serde_json::Value {
+    serde_json::json!({ "tokens": generation.tokens, "grid": generation.grid })
+}
+
+pub fn run(args: RunArgs) -> anyhow::Result<()> {
+    let mut generator = args.backend.open(&args.model)?;
+    let manifest = generator.manifest().clone();
+    let prompts = prompts(&args, &manifest)?;
+    let options = args.sampling.options(&manifest)?;
+    let started = Instant::now();
+    let generation = generate_with_progress(&mut generator, &prompts, &options)?;
+    let seconds = started.elapsed().as_secs_f64();
+    if let Some(path) = &args.tokens_out {
+        write_atomically(
+            path,
+            serde_json::to_string(&tokens_json(&generation))?.as_bytes(),
+        )?;
+    }
+    if args.json {
+        let mut result = tokens_json(&generation);
+        result["calls"] = generation.calls.into();
+        result["seconds"] = seconds.into();
+        result["backend"] = generator.engine_name().into();
+        println!("{result}");
+    } else {
+        println!(
+            "generated {} image(s) of {}×{} tokens in {} model calls, {:.2} s ({:.2} s/image) on {}",
+            generation.tokens.len(),
+            generation.grid[0],
+            generation.grid[1],
+            generation.calls,
+            seconds,
+            seconds / generation.tokens.len() as f64,
+            generator.engine_name()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,179 @@
+//! Shared test helpers: fixture paths and tensors, the narx binary, backends.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use narx_export::checkpoint::open_checkpoint;
+use narx_export::model_dir::{export, ExportRequest};
+use narx_graphs::manifest::Manifest;
+use narx_graphs::nar::ModelArgs;
+use narx_graphs::DType;
+use narx_runtime::backend::ort::{find_library, OrtEngine, OrtOptions};
+use narx_runtime::backend::tract::TractEngine;
+use narx_runtime::backend::GraphPaths;
+use narx_runtime::generate::Generator;
+
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures")
+}
+
+pub fn fixture(name: &str) -> PathBuf {
+    let dir = fixtures().join(name);
+    assert!(
+        dir.is_dir(),
+        "fixture {} is missing: the tests need ../shared/fixtures beside the project",
+        dir.display()
+    );
+    dir
+}
+
+/// `reference.json` of a fixture.
+pub fn reference_json(name: &str) -> serde_json::Value {
+    let text = std::fs::read_to_string(fixture(name).join("reference.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+pub fn model_args(name: &str) -> ModelArgs {
+    serde_json::from_value(reference_json(name)["config"].clone()).unwrap()
+}
+
+/// The tensors of a fixture's `reference.safetensors`.
+pub struct Reference {
+    bytes: Vec<u8>,
+}
+
+pub enum Data {
+    F32(Vec<f32>),
+    I64(Vec<i64>),
+}
+
+impl Reference {
+    pub fn load(name: &str) -> Self {
+        Reference {
+            bytes: std::fs::read(fixture(name).join("reference.safetensors")).unwrap(),
+        }
+    }
+
+    pub fn get(&self, tensor: &str) -> Option<(Vec<usize>, Data)> {
+        let st = safetensors::SafeTensors::deserialize(&self.bytes).unwrap();
+        let view = st.tensor(tensor).ok()?;
+        let shape = view.shape().to_vec();
+        let data = view.data();
+        let data = match view.dtype() {
+            safetensors::Dtype::F32 => Data::F32(
+                data.chunks_exact(4)
+                    .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                    .collect(),
+            ),
+            safetensors::Dtype::I64 => Data::I64(
+                data.chunks_exact(8)
+                    .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+                    .collect(),
+            ),
+            other => panic!("{tensor}: unexpected dtype {other:?}"),
+        };
+        Some((shape, data))
+    }
+
+    pub fn f32(&self, tensor: &str) -> (Vec<usize>, Vec<f32>) {
+        match self.get(tensor) {
+            Some((s, Data::F32(v))) => (s, v),
+            _ => panic!("reference has no float tensor {tensor}"),
+        }
+    }
+
+    pub fn i64(&self, tensor: &str) -> (Vec<usize>, Vec<i64>) {
+        match self.get(tensor) {
+            Some((s, Data::I64(v))) => (s, v),
+            _ => panic!("reference has no int64 tensor {tensor}"),
+        }
+    }
+}
+
+/// Exports `checkpoint` (a fixture file) into `dir` with the fixture's config.
+pub fn export_fixture(name: &str, file: &str, dir: &Path, dtype: DType) -> Manifest {
+    let source = open_checkpoint(&fixture(name).join(file)).unwrap();
+    export(&ExportRequest {
+        source: source.as_ref(),
+        args: model_args(name),
+        grid: None,
+        dtype,
+        output: dir.to_path_buf(),
+        force: false,
+    })
+    .unwrap()
+}
+
+fn graph_paths(dir: &Path) -> (Manifest, PathBuf, PathBuf) {
+    let manifest = Manifest::load(dir).unwrap();
+    let prefill = dir.join(&manifest.graphs.prefill.file);
+    let step = dir.join(&manifest.graphs.step.file);
+    (manifest, prefill, step)
+}
+
+pub fn tract_engine(dir: &Path) -> TractEngine {
+    let (_, prefill, step) = graph_paths(dir);
+    let paths = GraphPaths {
+        prefill: &prefill,
+        step: &step,
+    };
+    TractEngine::load(&paths, Some(2)).unwrap()
+}
+
+/// The ONNX Runtime library; a test that needs it fails with instructions when it is absent.
+pub fn ort_library() -> PathBuf {
+    find_library(None).unwrap_or_else(|e| {
+        panic!("{e}\n(run the tests through `bash .ci/run`, which installs onnxruntime)")
+    })
+}
+
+pub fn ort_engine(dir: &Path) -> OrtEngine {
+    let (_, prefill, step) = graph_paths(dir);
+    let paths = GraphPaths {
+        prefill: &prefill,
+        step: &step,
+    };
+    let options = OrtOptions {
+        library: Some(ort_library()),
+        intra_threads: Some(2),
+    };
+    OrtEngine::load(&paths, &options).unwrap()
+}
+
+pub fn tract_generator(dir: &Path) -> Generator<TractEngine> {
+    Generator::new(Manifest::load(dir).unwrap(), tract_engine(dir)).unwrap()
+}
+
+pub fn ort_generator(dir: &Path) -> Generator<OrtEngine> {
+    Generator::new(Manifest::load(dir).unwrap(), ort_engine(dir)).unwrap()
+}
+
+/// Runs the narx binary.
+pub fn narx(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_narx"))
+        .args(args)
+        .env("ORT_DYLIB_PATH", ort_library())
+        .output()
+        .expect("narx binary runs")
+}
+
+pub fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).to_string()
+}
+
+pub fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).to_string()
+}
+
+/// Asserts a bad-input failure: exit code 2 and a message containing every `needle`.
+pub fn assert_bad_input(output: &Output, needles: &[&str]) {
+    let err = stderr(output);
+    assert_eq!(
+        output.status.code(),
+        Some(2),
+        "expected exit 2, stderr:\n{err}"
+    );
+    for needle in needles {
+        assert!(err.contains(needle), "stderr lacks {needle:?}:\n{err}");
+    }
+}

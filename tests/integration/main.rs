@@ -1,0 +1,9 @@
+//! narx integration tests: one test binary. Fixtures are read from `../shared/fixtures`
+//! beside the project; ONNX Runtime tests need its library (`.ci/run` installs it) and fail,
+//! never skip, without it.
+
+mod bad_input;
+mod cli;
+mod common;
+mod graphs;
+mod parity;

@@ -1,0 +1,143 @@
+//! Conformance against the upstream fixtures: every call's assembled and guided logits within
+//! 1e-3, and every token exact under greedy decoding, on tract and on ONNX Runtime CPU.
+
+use narx_graphs::DType;
+use narx_runtime::backend::Engine;
+use narx_runtime::generate::{GenerateOptions, Generator, Prompts};
+use narx_runtime::sampling::SamplingParams;
+
+use crate::common::{export_fixture, ort_generator, reference_json, tract_generator, Reference};
+
+const TOLERANCE: f32 = 1e-3;
+
+fn prompts(name: &str, reference: &Reference) -> Prompts {
+    if reference_json(name)["kind"] == "t2i" {
+        let (shape, embeddings) = reference.f32("caption_embeddings");
+        let (_, mask) = reference.f32("caption_mask");
+        Prompts::Captions {
+            embeddings,
+            mask,
+            count: shape[0],
+        }
+    } else {
+        Prompts::Classes(reference.i64("labels").1)
+    }
+}
+
+/// The first place two logit blocks `(rows, cells, vocab)` differ by more than the tolerance.
+fn first_difference(got: &[f32], expected: &[f32], cells: usize, vocab: usize) -> Option<String> {
+    got.iter()
+        .zip(expected)
+        .position(|(g, e)| (g - e).abs() > TOLERANCE || g.is_nan())
+        .map(|i| {
+            let (row, rest) = (i / (cells * vocab), i % (cells * vocab));
+            format!(
+                "row {row}, output cell {}, token {}: got {}, expected {}",
+                rest / vocab,
+                rest % vocab,
+                got[i],
+                expected[i]
+            )
+        })
+}
+
+/// Replays a fixture's generation and checks every call; panics naming the call and cell.
+fn replay<E: Engine>(generator: &mut Generator<E>, name: &str) {
+    let reference = Reference::load(name);
+    let json = reference_json(name);
+    let options = GenerateOptions {
+        cfg_scale: json["cfg_scale"].as_f64().unwrap() as f32,
+        cfg_interval: json["cfg_interval"].as_i64().unwrap(),
+        sampling: SamplingParams {
+            greedy: true,
+            ..SamplingParams::default()
+        },
+        seed: 0,
+    };
+    let condition_len = generator.manifest().config.cls_token_num;
+    let vocab = generator.manifest().vocab_size;
+    let backend = generator.engine_name();
+    let mut problems = Vec::new();
+    let mut calls = 0;
+    let generation = generator
+        .generate(&prompts(name, &reference), &options, &mut |report| {
+            let k = report.call.index();
+            calls += 1;
+            let (_, positions) = reference.i64(&format!("step.{k}.input_pos"));
+            let fed: Vec<i64> = if report.call.is_prefill() {
+                (0..condition_len as i64).collect()
+            } else {
+                report
+                    .call
+                    .fed()
+                    .iter()
+                    .map(|c| (condition_len + c.raster()) as i64)
+                    .collect()
+            };
+            if fed != positions {
+                problems.push(format!(
+                    "call {k}: fed positions {fed:?}, upstream {positions:?}"
+                ));
+            }
+            let cells = report.call.output_len();
+            for (what, got) in [("logits", report.logits), ("guided_logits", report.guided)] {
+                let (shape, expected) = reference.f32(&format!("step.{k}.{what}"));
+                if shape[1] != cells || got.len() != expected.len() {
+                    problems.push(format!("call {k}: {what} shape {shape:?} vs {cells} cells"));
+                } else if let Some(diff) = first_difference(got, &expected, cells, vocab) {
+                    problems.push(format!("call {k}: {what} differ at {diff}"));
+                }
+            }
+            let (_, expected) = reference.i64(&format!("step.{k}.next_tokens"));
+            let got: Vec<i64> = report.tokens.iter().map(|&t| i64::from(t)).collect();
+            if got != expected {
+                problems.push(format!("call {k}: tokens {got:?}, upstream {expected:?}"));
+            }
+        })
+        .unwrap();
+    assert!(
+        problems.is_empty(),
+        "{name} on {backend}:\n{}",
+        problems.join("\n")
+    );
+    assert_eq!(calls, json["steps"].as_u64().unwrap() as usize);
+    let (shape, tokens) = reference.i64("tokens");
+    let got: Vec<i64> = generation
+        .tokens
+        .iter()
+        .flatten()
+        .map(|&t| i64::from(t))
+        .collect();
+    assert_eq!(got, tokens, "{name} on {backend}: final tokens {shape:?}");
+}
+
+fn parity(name: &str) {
+    let temp = tempfile::tempdir().unwrap();
+    let from_safetensors = temp.path().join("st");
+    let from_pt = temp.path().join("pt");
+    export_fixture(name, "model.safetensors", &from_safetensors, DType::F32);
+    export_fixture(name, "model.pt", &from_pt, DType::F32);
+    // Both checkpoint formats give the same model, byte for byte.
+    for file in ["weights.bin", "prefill.onnx", "step.onnx"] {
+        let a = std::fs::read(from_safetensors.join(file)).unwrap();
+        let b = std::fs::read(from_pt.join(file)).unwrap();
+        assert!(
+            a == b,
+            "{name}: {file} differs between the .pt and safetensors exports"
+        );
+    }
+    replay(&mut tract_generator(&from_safetensors), name);
+    replay(&mut tract_generator(&from_pt), name);
+    replay(&mut ort_generator(&from_safetensors), name);
+    replay(&mut ort_generator(&from_pt), name);
+}
+
+#[test]
+fn c2i_fixture_matches_upstream_on_tract_and_onnxruntime() {
+    parity("nar-c2i-tiny");
+}
+
+#[test]
+fn t2i_fixture_matches_upstream_on_tract_and_onnxruntime() {
+    parity("nar-t2i-tiny");
+}
