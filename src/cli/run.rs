@@ -20,7 +20,7 @@ pub struct RunArgs {
     /// Model directory written by `narx export`.
     model: PathBuf,
     /// Class label of an image (c2i); repeat for a batch.
-    #[arg(long = "class")]
+    #[arg(long = "class", allow_negative_numbers = true)]
     classes: Vec<i64>,
     /// Safetensors file with `caption_embeddings` (B, tokens, dim) and `caption_mask`
     /// (B, tokens), left-padded as upstream's sampler prepares them (t2i).
