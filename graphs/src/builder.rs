@@ -108,7 +108,7 @@ pub enum Attr {
     Int(i64),
     Ints(Vec<i64>),
     Float(f32),
-    Tensor(TensorProto),
+    Tensor(Box<TensorProto>),
 }
 
 /// Host data of a constant, already in its element type.
@@ -450,7 +450,7 @@ fn attribute(name: &str, attr: &Attr) -> AttributeProto {
             proto.r#type = Some(AttributeType::Float as i32);
         }
         Attr::Tensor(t) => {
-            proto.t = Some(t.clone());
+            proto.t = Some((**t).clone());
             proto.r#type = Some(AttributeType::Tensor as i32);
         }
     }

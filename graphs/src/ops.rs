@@ -206,7 +206,7 @@ impl GraphBuilder<'_> {
         self.node1(
             "ConstantOfShape",
             &[shape],
-            &[("value", Attr::Tensor(tensor))],
+            &[("value", Attr::Tensor(Box::new(tensor)))],
             dtype,
         )
     }

@@ -91,20 +91,20 @@ impl ModelArgs {
         if self.dim == 0 || self.n_layer == 0 || self.n_head == 0 || self.vocab_size == 0 {
             return bad("dim, n_layer, n_head and vocab_size must be positive".into());
         }
-        if self.dim % self.n_head != 0 {
+        if !self.dim.is_multiple_of(self.n_head) {
             return bad(format!(
                 "dim {} is not a multiple of n_head {}",
                 self.dim, self.n_head
             ));
         }
-        if self.head_dim() % 4 != 0 {
+        if !self.head_dim().is_multiple_of(4) {
             return bad(format!(
                 "head dim {} must be a multiple of 4 for the 2-D rotary table",
                 self.head_dim()
             ));
         }
         let kv = self.kv_heads();
-        if kv == 0 || self.n_head % kv != 0 {
+        if kv == 0 || !self.n_head.is_multiple_of(kv) {
             return bad(format!("n_kv_head {kv} must divide n_head {}", self.n_head));
         }
         if self.multiple_of == 0 {
