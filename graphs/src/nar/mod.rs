@@ -224,7 +224,11 @@ fn build_step(
     let m = layers::Model::new(spec, params);
     let width = Dim::named(dims::WIDTH);
     let past = Dim::named(dims::PAST);
-    let tokens = b.input(names::TOKENS, DType::I64, &batch_dims(std::slice::from_ref(&width)));
+    let tokens = b.input(
+        names::TOKENS,
+        DType::I64,
+        &batch_dims(std::slice::from_ref(&width)),
+    );
     let positions = b.input(names::POSITIONS, DType::I64, std::slice::from_ref(&width));
     let past_bias = b.input(
         names::PAST_KEY_BIAS,
