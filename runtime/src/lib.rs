@@ -5,6 +5,7 @@ pub mod backend;
 pub mod generate;
 pub mod guidance;
 pub mod load;
+pub mod picture;
 pub mod sampling;
 pub mod scheduler;
 
