@@ -7,10 +7,11 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use narx_graphs::manifest::{
-    Condition, Family, GraphFile, Graphs, Head, KvCache, Manifest, SamplingDefaults, WeightsFile,
-    FORMAT_VERSION,
+    Condition, DecoderFile, Family, GraphFile, Graphs, Head, KvCache, Manifest, SamplingDefaults,
+    WeightsFile, FORMAT_VERSION,
 };
 use narx_graphs::nar::{self, names, ConditionKind, ModelArgs, NarSpec, ParamSource};
+use narx_graphs::vq::{self, VqConfig};
 use narx_graphs::weights::WeightStore;
 use narx_graphs::{encode_model, DType, GraphError};
 
@@ -21,6 +22,7 @@ use crate::ExportError;
 pub const PREFILL_FILE: &str = "prefill.onnx";
 pub const STEP_FILE: &str = "step.onnx";
 pub const WEIGHTS_FILE: &str = "weights.bin";
+pub const DECODER_FILE: &str = "vq_decoder.onnx";
 
 /// Most prompts per batch the TensorRT profiles are built for (twice that many rows with
 /// guidance).
@@ -36,18 +38,29 @@ pub struct ExportRequest<'a> {
     pub output: PathBuf,
     /// Replace an existing model directory.
     pub force: bool,
+    /// The image tokenizer whose decoder turns tokens into pictures, if wanted.
+    pub vq: Option<VqRequest<'a>>,
 }
 
-/// Checks that `source` holds every tensor the model needs with the right shape; lists every
-/// problem at once.
-pub fn check_parameters(source: &dyn TensorSource, args: &ModelArgs) -> Result<(), ExportError> {
+/// A VQ tokenizer checkpoint (its encoder is ignored) and its configuration.
+pub struct VqRequest<'a> {
+    pub source: &'a dyn TensorSource,
+    pub config: VqConfig,
+}
+
+/// Checks that `source` holds every tensor of `expected` with its shape; lists every problem
+/// at once.
+pub fn check_parameters(
+    source: &dyn TensorSource,
+    expected: &[(String, Vec<usize>)],
+) -> Result<(), ExportError> {
     let mut problems = Vec::new();
-    for (name, expected) in args.parameters() {
-        match source.shape(&name) {
+    for (name, expected) in expected {
+        match source.shape(name) {
             None => problems.push(format!(
                 "missing tensor {name} (expected shape {expected:?})"
             )),
-            Some(shape) if shape != expected => problems.push(format!(
+            Some(shape) if &shape != expected => problems.push(format!(
                 "tensor {name} has shape {shape:?}, expected {expected:?}"
             )),
             Some(_) => {}
@@ -86,9 +99,20 @@ pub fn export(request: &ExportRequest) -> Result<Manifest, ExportError> {
         })?,
     };
     let spec = NarSpec::new(request.args.clone(), grid, request.dtype)?;
-    check_parameters(request.source, &spec.args)?;
+    check_parameters(request.source, &spec.args.parameters())?;
+    if let Some(vq) = &request.vq {
+        vq.config.validate()?;
+        if vq.config.codebook_size != spec.args.vocab_size {
+            return Err(ExportError::Usage(format!(
+                "the VQ codebook has {} entries but the model's vocabulary is {}: \
+                 they must be the same tokenizer",
+                vq.config.codebook_size, spec.args.vocab_size
+            )));
+        }
+        check_parameters(vq.source, &vq.config.parameters())?;
+    }
     let staging = Staging::new(&request.output, request.force)?;
-    let manifest = write_model(&spec, request.source, staging.path())?;
+    let manifest = write_model(&spec, request.source, request.vq.as_ref(), staging.path())?;
     staging.commit()?;
     Ok(manifest)
 }
@@ -96,27 +120,38 @@ pub fn export(request: &ExportRequest) -> Result<Manifest, ExportError> {
 fn write_model(
     spec: &NarSpec,
     source: &dyn TensorSource,
+    vq: Option<&VqRequest>,
     dir: &Path,
 ) -> Result<Manifest, ExportError> {
     let mut store = WeightStore::external(dir, WEIGHTS_FILE)?;
     let graphs = nar::build(spec, &Params(source), &mut store)?;
+    let decoder = vq
+        .map(|vq| vq::build_decoder(&vq.config, &Params(vq.source), &mut store))
+        .transpose()?;
     let weight_bytes = store.finish()?;
-    let mut files = Vec::new();
-    for (file, model) in [(PREFILL_FILE, &graphs.prefill), (STEP_FILE, &graphs.step)] {
-        let bytes = encode_model(model);
-        let path = dir.join(file);
-        std::fs::write(&path, &bytes).map_err(|e| GraphError::io(&path, e))?;
-        files.push(GraphFile::describe(file, bytes.len() as u64, model)?);
+    let prefill = write_graph(dir, PREFILL_FILE, &graphs.prefill)?;
+    let step = write_graph(dir, STEP_FILE, &graphs.step)?;
+    let mut manifest = manifest(spec, prefill, step, weight_bytes)?;
+    if let (Some(vq), Some(decoder)) = (vq, decoder) {
+        manifest.vq_decoder = Some(DecoderFile {
+            graph: write_graph(dir, DECODER_FILE, &decoder)?,
+            config: vq.config.clone(),
+            patch: vq.config.upsample_factor(),
+        });
     }
-    let step = files
-        .pop()
-        .ok_or_else(|| ExportError::Usage("no step graph".into()))?;
-    let prefill = files
-        .pop()
-        .ok_or_else(|| ExportError::Usage("no prefill graph".into()))?;
-    let manifest = manifest(spec, prefill, step, weight_bytes)?;
     manifest.save(dir)?;
     Ok(manifest)
+}
+
+fn write_graph(
+    dir: &Path,
+    file: &str,
+    model: &narx_graphs::onnx::ModelProto,
+) -> Result<GraphFile, ExportError> {
+    let bytes = encode_model(model);
+    let path = dir.join(file);
+    std::fs::write(&path, &bytes).map_err(|e| GraphError::io(&path, e))?;
+    Ok(GraphFile::describe(file, bytes.len() as u64, model)?)
 }
 
 fn manifest(
@@ -217,6 +252,7 @@ fn manifest(
         },
         sampling,
         tensorrt_profiles,
+        vq_decoder: None,
     })
 }
 

@@ -1,28 +1,35 @@
-//! Seeded random weights for a model shape: what `narx demo` exports when no checkpoint is
-//! at hand, and what tests and benchmarks of full-size shapes use. Random weights generate
-//! noise; the point is to exercise the whole pipeline with nothing downloaded.
-
-use narx_graphs::nar::ModelArgs;
+//! Seeded random weights for a list of parameters: what `narx demo` exports when no
+//! checkpoint is at hand, and what tests and benchmarks of full-size shapes use. Random
+//! weights generate noise; the point is to exercise the whole pipeline with nothing
+//! downloaded.
 
 use crate::checkpoint::InMemory;
 
-/// Every parameter of `args`: norms at 1, everything else uniform with standard deviation
-/// 0.02 (upstream's `initializer_range`), reproducible from `seed`.
-pub fn random_weights(args: &ModelArgs, seed: u64) -> InMemory {
+/// Every parameter of `parameters` (names and shapes, e.g. `ModelArgs::parameters()`),
+/// reproducible from `seed`: norm scales 1, biases 0, convolution kernels uniform with
+/// standard deviation 1/√fan-in (so activations keep their scale through a deep decoder),
+/// everything else uniform with standard deviation 0.02 (upstream's `initializer_range`).
+pub fn random_weights(parameters: &[(String, Vec<usize>)], seed: u64) -> InMemory {
     let mut state = seed;
     let mut weights = InMemory::new();
-    // Uniform on [-a, a] has standard deviation a/√3.
-    let amplitude = 0.02 * 3f32.sqrt();
-    for (name, shape) in args.parameters() {
+    for (name, shape) in parameters {
         let count = shape.iter().product();
-        let data = if name.ends_with("norm.weight") {
+        let std = match shape.as_slice() {
+            [_, fan_in, kh, kw] => 1.0 / ((fan_in * kh * kw) as f32).sqrt(),
+            _ => 0.02,
+        };
+        let data = if name.contains("norm") && name.ends_with(".weight") {
             vec![1.0; count]
+        } else if name.ends_with(".bias") {
+            vec![0.0; count]
         } else {
+            // Uniform on [-a, a] has standard deviation a/√3.
+            let amplitude = std * 3f32.sqrt();
             (0..count)
                 .map(|_| (unit(&mut state) * 2.0 - 1.0) * amplitude)
                 .collect()
         };
-        weights.insert(name, shape, data);
+        weights.insert(name.clone(), shape.clone(), data);
     }
     weights
 }
@@ -41,6 +48,7 @@ fn unit(state: &mut u64) -> f32 {
 mod tests {
     use super::*;
     use crate::checkpoint::TensorSource;
+    use narx_graphs::nar::ModelArgs;
 
     #[test]
     fn random_weights_are_complete_and_reproducible() {
@@ -53,8 +61,9 @@ mod tests {
             multiple_of: 32,
             ..ModelArgs::default()
         };
-        let a = random_weights(&args, 7);
-        let b = random_weights(&args, 7);
+        let params = args.parameters();
+        let a = random_weights(&params, 7);
+        let b = random_weights(&params, 7);
         for (name, shape) in args.parameters() {
             assert_eq!(a.shape(&name), Some(shape));
             assert_eq!(a.read_f32(&name).unwrap(), b.read_f32(&name).unwrap());
@@ -64,7 +73,7 @@ mod tests {
         assert!((std - 0.02).abs() < 0.002, "{std}");
         assert_ne!(
             w,
-            random_weights(&args, 8)
+            random_weights(&params, 8)
                 .read_f32("tok_embeddings.weight")
                 .unwrap()
         );

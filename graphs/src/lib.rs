@@ -7,6 +7,7 @@ pub mod builder;
 pub mod manifest;
 pub mod nar;
 mod ops;
+pub mod vq;
 pub mod weights;
 
 /// ONNX protobuf messages, generated from `protos/onnx.proto` by `protogen/` (committed; no

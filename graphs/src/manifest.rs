@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::builder::{describe_io, DType, Dim};
 use crate::nar::ModelArgs;
 use crate::onnx::ModelProto;
+use crate::vq::VqConfig;
 use crate::GraphError;
 
 /// The manifest file name inside a model directory.
@@ -61,6 +62,20 @@ pub struct Manifest {
     pub sampling: SamplingDefaults,
     /// Per graph, per dynamic input: the shapes TensorRT should optimise for.
     pub tensorrt_profiles: BTreeMap<String, BTreeMap<String, ShapeProfile>>,
+    /// The image tokenizer's decoder, when the export was given one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vq_decoder: Option<DecoderFile>,
+}
+
+/// The VQ decoder graph: `codes (batch, rows, cols)` → `image (batch, 3, patch·rows,
+/// patch·cols)` in [-1, 1].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DecoderFile {
+    pub graph: GraphFile,
+    pub config: VqConfig,
+    /// Pixels per token along each side.
+    pub patch: usize,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -298,11 +313,15 @@ impl Manifest {
                 ));
             }
         }
+        let decoder = self.vq_decoder.as_ref().map(|d| &d.graph.file);
         for file in [
             &self.graphs.prefill.file,
             &self.graphs.step.file,
             &self.weights.file,
-        ] {
+        ]
+        .into_iter()
+        .chain(decoder)
+        {
             if file.contains('/') || file.contains('\\') || file.starts_with('.') {
                 return Err(format!("file name {file:?} must be a plain name"));
             }

@@ -210,4 +210,23 @@ impl GraphBuilder<'_> {
             dtype,
         )
     }
+
+    /// 2-D convolution with stride 1 and `pad` zeros on every side (`same` output size for an
+    /// odd kernel of side `2·pad + 1`); `weight` is `(out, in, kh, kw)`, `bias` `(out,)`.
+    pub fn conv2d(
+        &mut self,
+        x: Value,
+        weight: Value,
+        bias: Value,
+        pad: i64,
+    ) -> Result<Value, GraphError> {
+        let dtype = self.same_type("Conv", x, weight)?;
+        self.same_type("Conv", x, bias)?;
+        self.node1(
+            "Conv",
+            &[x, weight, bias],
+            &[("pads", Attr::Ints(vec![pad; 4]))],
+            dtype,
+        )
+    }
 }

@@ -104,6 +104,18 @@ impl<E: Engine> Generator<E> {
         self.engine.name()
     }
 
+    /// Decodes token grids (raster order) into pictures with the VQ decoder.
+    pub fn decode(
+        &mut self,
+        tokens: &[Vec<u32>],
+        grid: &[usize],
+    ) -> Result<Vec<image::RgbImage>, RuntimeError> {
+        let decoder = self.manifest.vq_decoder.as_ref().ok_or_else(|| {
+            RuntimeError::BadInput("this model directory has no VQ decoder".into())
+        })?;
+        crate::decode::decode(&mut self.engine, tokens, grid, decoder.config.codebook_size)
+    }
+
     /// Generates one token grid per prompt; `report` sees every call.
     pub fn generate(
         &mut self,

@@ -2,6 +2,7 @@
 //! the generation loop that ties them together.
 
 pub mod backend;
+pub mod decode;
 pub mod generate;
 pub mod guidance;
 pub mod load;

@@ -6,7 +6,7 @@ use narx_graphs::manifest::Manifest;
 
 use crate::backend::ort::{find_library, OrtEngine, OrtOptions};
 use crate::backend::tract::TractEngine;
-use crate::backend::GraphPaths;
+use crate::backend::GraphKind;
 use crate::generate::{CallReport, GenerateOptions, Generation, Generator, Prompts};
 use crate::RuntimeError;
 
@@ -19,6 +19,15 @@ pub enum Provider {
     Tract,
     /// ONNX Runtime's CPU provider.
     Cpu,
+}
+
+/// What the model is opened for: which graphs to load.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Purpose {
+    /// Prefill and step, and the decoder if the directory has one.
+    Generate,
+    /// The decoder only.
+    Decode,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -41,14 +50,30 @@ impl AnyGenerator {
         dir: &Path,
         provider: Provider,
         options: &LoadOptions,
+        purpose: Purpose,
     ) -> Result<(Self, Option<String>), RuntimeError> {
         let manifest = Manifest::load(dir)?;
-        let prefill = dir.join(&manifest.graphs.prefill.file);
-        let step = dir.join(&manifest.graphs.step.file);
-        let paths = GraphPaths {
-            prefill: &prefill,
-            step: &step,
+        let decoder = manifest.vq_decoder.as_ref().map(|d| &d.graph.file);
+        let files: Vec<(GraphKind, std::path::PathBuf)> = match purpose {
+            Purpose::Generate => [
+                (GraphKind::Prefill, Some(&manifest.graphs.prefill.file)),
+                (GraphKind::Step, Some(&manifest.graphs.step.file)),
+                (GraphKind::Decoder, decoder),
+            ]
+            .into_iter()
+            .filter_map(|(kind, file)| file.map(|f| (kind, dir.join(f))))
+            .collect(),
+            Purpose::Decode => {
+                let file = decoder.ok_or_else(|| {
+                    RuntimeError::BadInput(format!(
+                        "{} has no VQ decoder (export with --vq-checkpoint)",
+                        dir.display()
+                    ))
+                })?;
+                vec![(GraphKind::Decoder, dir.join(file))]
+            }
         };
+        let paths: Vec<(GraphKind, &Path)> = files.iter().map(|(k, p)| (*k, p.as_path())).collect();
         let mut ort = options.ort.clone();
         if ort.intra_threads.is_none() {
             ort.intra_threads = options.threads;
@@ -86,6 +111,18 @@ impl AnyGenerator {
         match self {
             AnyGenerator::Tract(g) => g.engine_name(),
             AnyGenerator::Ort(g) => g.engine_name(),
+        }
+    }
+
+    /// Decodes token grids into pictures with the model's VQ decoder.
+    pub fn decode(
+        &mut self,
+        tokens: &[Vec<u32>],
+        grid: &[usize],
+    ) -> Result<Vec<image::RgbImage>, RuntimeError> {
+        match self {
+            AnyGenerator::Tract(g) => g.decode(tokens, grid),
+            AnyGenerator::Ort(g) => g.decode(tokens, grid),
         }
     }
 

@@ -6,13 +6,16 @@ use std::time::Instant;
 
 use clap::Args;
 
-use narx_export::model_dir::{export, ExportRequest};
+use narx_export::model_dir::{export, ExportRequest, VqRequest};
 use narx_export::random::random_weights;
 use narx_graphs::nar::ModelArgs;
+use narx_graphs::vq::VqConfig;
 use narx_graphs::DType;
 use narx_runtime::generate::Prompts;
+use narx_runtime::load::Purpose;
+use narx_runtime::picture::write_png;
 
-use super::run::{generate_with_progress, BackendArgs, SamplingArgs};
+use super::run::{generate_with_progress, write_trace, BackendArgs, SamplingArgs};
 use super::BadInput;
 
 #[derive(Args)]
@@ -20,6 +23,12 @@ pub struct DemoArgs {
     /// Keep the exported model here (default: a temporary directory, removed afterwards).
     #[arg(short, long)]
     output: Option<PathBuf>,
+    /// Where the (noise) picture goes.
+    #[arg(long, default_value = "narx-demo.png")]
+    picture: PathBuf,
+    /// Where the animated trace of the generation order goes.
+    #[arg(long, default_value = "narx-demo-trace.gif")]
+    trace: PathBuf,
     /// Class label to generate.
     #[arg(long = "class", default_value_t = 207)]
     class: i64,
@@ -27,6 +36,15 @@ pub struct DemoArgs {
     backend: BackendArgs,
     #[command(flatten)]
     sampling: SamplingArgs,
+}
+
+/// A small VQ-16-shaped decoder (VQ-16 codebook and layout, fewer channels).
+fn demo_tokenizer() -> VqConfig {
+    VqConfig {
+        ch: 32,
+        z_channels: 64,
+        ..VqConfig::vq16()
+    }
 }
 
 /// A NAR-shaped c2i model small enough to export and run in seconds on two cores.
@@ -53,7 +71,9 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         }
     };
     let model = demo_model();
-    let weights = random_weights(&model, 0);
+    let weights = random_weights(&model.parameters(), 0);
+    let tokenizer = demo_tokenizer();
+    let tokenizer_weights = random_weights(&tokenizer.parameters(), 1);
     let started = Instant::now();
     let manifest = export(&ExportRequest {
         source: &weights,
@@ -62,6 +82,10 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         dtype: DType::F32,
         output: dir.clone(),
         force: args.output.is_some(),
+        vq: Some(VqRequest {
+            source: &tokenizer_weights,
+            config: tokenizer,
+        }),
     })?;
     println!(
         "exported {} parameters to {} in {:.1} s",
@@ -69,7 +93,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         dir.display(),
         started.elapsed().as_secs_f64()
     );
-    let mut generator = args.backend.open(&dir)?;
+    let mut generator = args.backend.open(&dir, Purpose::Generate)?;
     let options = args.sampling.options(&manifest)?;
     let started = Instant::now();
     let generation = generate_with_progress(
@@ -85,15 +109,19 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         generation.calls,
         generator.engine_name()
     );
-    let preview: Vec<String> = generation.tokens[0]
-        .iter()
-        .take(8)
-        .map(u32::to_string)
-        .collect();
-    println!("first tokens: {} …", preview.join(" "));
+    let images = generator.decode(&generation.tokens, &generation.grid)?;
+    write_png(&args.picture, &images[0])?;
+    write_trace(&args.trace, &images[0], &manifest)?;
+    println!(
+        "wrote {} (random weights: noise) and {} (the {} calls filling the grid along \
+         anti-diagonals)",
+        args.picture.display(),
+        args.trace.display(),
+        generation.calls
+    );
     println!();
     println!("With a real checkpoint (upstream ThisisBillhe/NAR):");
-    println!("  narx export --checkpoint nar_b.pt --preset nar-b -o models/nar-b");
-    println!("  narx run models/nar-b --class 207 --tokens-out tokens.json");
+    println!("  narx export --checkpoint nar_b.pt --preset nar-b --vq-checkpoint vq_ds16_c2i.pt -o models/nar-b");
+    println!("  narx run models/nar-b --class 207 -o out.png --trace out.gif");
     Ok(())
 }

@@ -7,9 +7,10 @@ use anyhow::Context;
 use clap::{Args, ValueEnum};
 
 use narx_export::checkpoint::open_checkpoint;
-use narx_export::model_dir::{export, ExportRequest};
+use narx_export::model_dir::{export, ExportRequest, VqRequest};
 use narx_export::presets::{preset, preset_names};
 use narx_graphs::nar::ModelArgs;
+use narx_graphs::vq::VqConfig;
 use narx_graphs::DType;
 
 use super::BadInput;
@@ -31,6 +32,17 @@ pub struct ExportArgs {
     /// Precision of weights and matmuls.
     #[arg(long, value_enum, default_value = "fp32")]
     dtype: Precision,
+    /// The image tokenizer (VQ) checkpoint, so `narx run -o` can write pictures; its encoder
+    /// is ignored.
+    #[arg(long)]
+    vq_checkpoint: Option<PathBuf>,
+    /// Tokenizer shape: vq-16 (default).
+    #[arg(long, requires = "vq_checkpoint", conflicts_with = "vq_config")]
+    vq_preset: Option<String>,
+    /// JSON object with the tokenizer's fields (codebook_size, codebook_embed_dim, z_channels,
+    /// decoder_ch_mult, ch), instead of a preset.
+    #[arg(long, requires = "vq_checkpoint")]
+    vq_config: Option<PathBuf>,
     /// Replace the output directory if it is a model directory already.
     #[arg(long)]
     force: bool,
@@ -78,13 +90,33 @@ pub fn model_args(
         .map_err(|e| BadInput(format!("config {}: {e}", path.display())).into())
 }
 
+/// `--vq-preset` or `--vq-config` → the tokenizer's configuration (VQ-16 when neither).
+fn vq_config(preset: Option<&str>, config: Option<&PathBuf>) -> anyhow::Result<VqConfig> {
+    if let Some(path) = config {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| BadInput(format!("cannot read VQ config {}: {e}", path.display())))?;
+        return serde_json::from_str(&text)
+            .map_err(|e| BadInput(format!("VQ config {}: {e}", path.display())).into());
+    }
+    match preset.unwrap_or("vq-16") {
+        "vq-16" => Ok(VqConfig::vq16()),
+        other => Err(BadInput(format!("unknown VQ preset {other:?}; known presets: vq-16")).into()),
+    }
+}
+
 pub fn run(args: ExportArgs) -> anyhow::Result<()> {
     let model = model_args(args.preset.as_deref(), args.config.as_ref())?;
+    let vq_config = vq_config(args.vq_preset.as_deref(), args.vq_config.as_ref())?;
     if args.grid == Some(0) {
         return Err(BadInput("--grid must be at least 1".into()).into());
     }
     let started = Instant::now();
     let source = open_checkpoint(&args.checkpoint)?;
+    let vq_source = args
+        .vq_checkpoint
+        .as_deref()
+        .map(open_checkpoint)
+        .transpose()?;
     let manifest = export(&ExportRequest {
         source: source.as_ref(),
         args: model,
@@ -92,6 +124,10 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
         dtype: args.dtype.dtype(),
         output: args.output.clone(),
         force: args.force,
+        vq: vq_source.as_ref().map(|source| VqRequest {
+            source: source.as_ref(),
+            config: vq_config,
+        }),
     })
     .with_context(|| format!("exporting {}", args.checkpoint.display()))?;
     if args.json {

@@ -1,5 +1,6 @@
 //! The command line: one file per subcommand.
 
+mod decode;
 mod demo;
 mod export;
 mod inspect;
@@ -29,6 +30,8 @@ enum Command {
     Export(export::ExportArgs),
     /// Generate token grids with an exported model.
     Run(run::RunArgs),
+    /// Decode tokens (from `narx run --tokens-out`) into pictures.
+    Decode(decode::DecodeArgs),
     /// Show what a model directory holds.
     Inspect(inspect::InspectArgs),
     /// Build a small random-weight model, export it and generate: the whole pipeline with
@@ -40,6 +43,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Export(args) => export::run(args),
         Command::Run(args) => run::run(args),
+        Command::Decode(args) => decode::run(args),
         Command::Inspect(args) => inspect::run(args),
         Command::Demo(args) => demo::run(args),
     }

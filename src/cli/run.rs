@@ -10,10 +10,77 @@ use narx_export::checkpoint::{SafetensorsFile, TensorSource};
 use narx_graphs::manifest::{Condition, Manifest};
 use narx_runtime::backend::ort::OrtOptions;
 use narx_runtime::generate::{GenerateOptions, Generation, Prompts};
-use narx_runtime::load::{AnyGenerator, LoadOptions, Provider};
+use narx_runtime::load::{AnyGenerator, LoadOptions, Provider, Purpose};
 use narx_runtime::sampling::SamplingParams;
 
 use super::{write_atomically, BadInput};
+use narx_runtime::picture::{contact_sheet, trace_frames, write_gif, write_png, SHEET_COLUMNS};
+use narx_runtime::scheduler::WavefrontPlan;
+
+/// Where decoded pictures go.
+#[derive(Args)]
+pub struct PictureArgs {
+    /// Write the images as PNG: `out.png` for one image, `out-0.png`, `out-1.png`, … for
+    /// several (needs a model exported with --vq-checkpoint).
+    #[arg(short, long)]
+    output: Option<PathBuf>,
+    /// One PNG with all images of the batch side by side.
+    #[arg(long)]
+    grid_image: Option<PathBuf>,
+}
+
+impl PictureArgs {
+    pub fn wanted(&self) -> bool {
+        self.output.is_some() || self.grid_image.is_some()
+    }
+
+    /// Writes the pictures; returns the files written.
+    pub fn write(&self, images: &[image::RgbImage]) -> anyhow::Result<Vec<PathBuf>> {
+        let mut written = Vec::new();
+        if let Some(out) = &self.output {
+            for (i, picture) in images.iter().enumerate() {
+                let path = if images.len() == 1 {
+                    out.clone()
+                } else {
+                    numbered(out, i)
+                };
+                write_png(&path, picture)?;
+                written.push(path);
+            }
+        }
+        if let Some(path) = &self.grid_image {
+            write_png(path, &contact_sheet(images, SHEET_COLUMNS)?)?;
+            written.push(path.clone());
+        }
+        Ok(written)
+    }
+}
+
+/// `out.png` → `out-3.png`.
+fn numbered(path: &Path, index: usize) -> PathBuf {
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let name = match path.extension() {
+        Some(ext) => format!("{stem}-{index}.{}", ext.to_string_lossy()),
+        None => format!("{stem}-{index}"),
+    };
+    path.with_file_name(name)
+}
+
+/// Refuses picture flags for a model without a decoder before any work is done.
+pub fn require_decoder(manifest: &Manifest) -> anyhow::Result<()> {
+    if manifest.vq_decoder.is_none() {
+        return Err(BadInput(
+            "this model directory has no VQ decoder, so it cannot write pictures; export it \
+             with --vq-checkpoint (or use --tokens-out and `narx decode` later)"
+                .into(),
+        )
+        .into());
+    }
+    Ok(())
+}
 
 #[derive(Args)]
 pub struct RunArgs {
@@ -33,6 +100,12 @@ pub struct RunArgs {
     /// Write the tokens as JSON: {"tokens": [[...], ...], "grid": [...]}, raster order.
     #[arg(long)]
     tokens_out: Option<PathBuf>,
+    #[command(flatten)]
+    pictures: PictureArgs,
+    /// An animated GIF of the generation order of the first image: one frame per model call,
+    /// cells not generated yet greyed out.
+    #[arg(long)]
+    trace: Option<PathBuf>,
     /// Print results as JSON on stdout.
     #[arg(long)]
     json: bool,
@@ -61,7 +134,7 @@ enum ProviderArg {
 
 impl BackendArgs {
     /// Opens the model; says on stderr which backend `auto` picked.
-    pub fn open(&self, dir: &Path) -> anyhow::Result<AnyGenerator> {
+    pub fn open(&self, dir: &Path, purpose: Purpose) -> anyhow::Result<AnyGenerator> {
         if self.threads == Some(0) {
             return Err(BadInput("--threads must be at least 1".into()).into());
         }
@@ -77,7 +150,7 @@ impl BackendArgs {
             },
             threads: self.threads,
         };
-        let (generator, note) = AnyGenerator::open(dir, provider, &options)?;
+        let (generator, note) = AnyGenerator::open(dir, provider, &options, purpose)?;
         if let Some(note) = note {
             eprintln!("narx: {note}");
         }
@@ -218,10 +291,13 @@ pub fn tokens_json(generation: &Generation) -> serde_json::Value {
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
-    let mut generator = args.backend.open(&args.model)?;
+    let mut generator = args.backend.open(&args.model, Purpose::Generate)?;
     let manifest = generator.manifest().clone();
     let prompts = prompts(&args, &manifest)?;
     let options = args.sampling.options(&manifest)?;
+    if args.pictures.wanted() || args.trace.is_some() {
+        require_decoder(&manifest)?;
+    }
     let started = Instant::now();
     let generation = generate_with_progress(&mut generator, &prompts, &options)?;
     let seconds = started.elapsed().as_secs_f64();
@@ -230,6 +306,18 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             path,
             serde_json::to_string(&tokens_json(&generation))?.as_bytes(),
         )?;
+    }
+    let mut written = Vec::new();
+    if args.pictures.wanted() || args.trace.is_some() {
+        let images = generator.decode(&generation.tokens, &generation.grid)?;
+        written = args.pictures.write(&images)?;
+        if let Some(path) = &args.trace {
+            write_trace(path, &images[0], &manifest)?;
+            written.push(path.clone());
+        }
+    }
+    for path in &written {
+        eprintln!("narx: wrote {}", path.display());
     }
     if args.json {
         let mut result = tokens_json(&generation);
@@ -249,5 +337,19 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             generator.engine_name()
         );
     }
+    Ok(())
+}
+
+/// The wavefront trace of one generated image: calls + 1 frames.
+pub fn write_trace(
+    path: &Path,
+    picture: &image::RgbImage,
+    manifest: &Manifest,
+) -> anyhow::Result<()> {
+    let axes: Vec<usize> = manifest.heads.iter().map(|h| h.axis).collect();
+    let plan = WavefrontPlan::new(&manifest.grid, &axes)?;
+    let patch = manifest.vq_decoder.as_ref().map_or(16, |d| d.patch);
+    let frames = trace_frames(picture, &plan, patch)?;
+    write_gif(path, &frames, 150)?;
     Ok(())
 }

@@ -10,7 +10,7 @@ use narx_graphs::nar::ModelArgs;
 use narx_graphs::DType;
 use narx_runtime::backend::ort::{find_library, OrtEngine, OrtOptions};
 use narx_runtime::backend::tract::TractEngine;
-use narx_runtime::backend::GraphPaths;
+use narx_runtime::backend::GraphKind;
 use narx_runtime::generate::Generator;
 
 pub fn fixtures() -> PathBuf {
@@ -45,6 +45,7 @@ pub struct Reference {
 pub enum Data {
     F32(Vec<f32>),
     I64(Vec<i64>),
+    U8(Vec<u8>),
 }
 
 impl Reference {
@@ -70,6 +71,7 @@ impl Reference {
                     .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
                     .collect(),
             ),
+            safetensors::Dtype::U8 => Data::U8(data.to_vec()),
             other => panic!("{tensor}: unexpected dtype {other:?}"),
         };
         Some((shape, data))
@@ -100,24 +102,34 @@ pub fn export_fixture(name: &str, file: &str, dir: &Path, dtype: DType) -> Manif
         dtype,
         output: dir.to_path_buf(),
         force: false,
+        vq: None,
     })
     .unwrap()
 }
 
-fn graph_paths(dir: &Path) -> (Manifest, PathBuf, PathBuf) {
+/// Every graph of a model directory, by kind.
+pub struct Files(Vec<(GraphKind, PathBuf)>);
+
+impl Files {
+    pub fn as_paths(&self) -> Vec<(GraphKind, &Path)> {
+        self.0.iter().map(|(k, p)| (*k, p.as_path())).collect()
+    }
+}
+
+pub fn graph_paths(dir: &Path) -> Files {
     let manifest = Manifest::load(dir).unwrap();
-    let prefill = dir.join(&manifest.graphs.prefill.file);
-    let step = dir.join(&manifest.graphs.step.file);
-    (manifest, prefill, step)
+    let mut files = vec![
+        (GraphKind::Prefill, dir.join(&manifest.graphs.prefill.file)),
+        (GraphKind::Step, dir.join(&manifest.graphs.step.file)),
+    ];
+    if let Some(decoder) = &manifest.vq_decoder {
+        files.push((GraphKind::Decoder, dir.join(&decoder.graph.file)));
+    }
+    Files(files)
 }
 
 pub fn tract_engine(dir: &Path) -> TractEngine {
-    let (_, prefill, step) = graph_paths(dir);
-    let paths = GraphPaths {
-        prefill: &prefill,
-        step: &step,
-    };
-    TractEngine::load(&paths, Some(2)).unwrap()
+    TractEngine::load(&graph_paths(dir).as_paths(), Some(2)).unwrap()
 }
 
 /// The ONNX Runtime library; a test that needs it fails with instructions when it is absent.
@@ -128,16 +140,11 @@ pub fn ort_library() -> PathBuf {
 }
 
 pub fn ort_engine(dir: &Path) -> OrtEngine {
-    let (_, prefill, step) = graph_paths(dir);
-    let paths = GraphPaths {
-        prefill: &prefill,
-        step: &step,
-    };
     let options = OrtOptions {
         library: Some(ort_library()),
         intra_threads: Some(2),
     };
-    OrtEngine::load(&paths, &options).unwrap()
+    OrtEngine::load(&graph_paths(dir).as_paths(), &options).unwrap()
 }
 
 pub fn tract_generator(dir: &Path) -> Generator<TractEngine> {

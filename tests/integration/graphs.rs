@@ -120,7 +120,7 @@ fn grouped_query_attention_matches_repeated_kv_heads() {
         n_kv_head: None,
         ..gqa.clone()
     };
-    let gqa_weights = random_weights(&gqa, 3);
+    let gqa_weights = random_weights(&gqa.parameters(), 3);
     let mut mha_weights = InMemory::new();
     let head_dim = 16;
     for (name, shape) in mha.parameters() {
@@ -152,6 +152,7 @@ fn grouped_query_attention_matches_repeated_kv_heads() {
             dtype: DType::F32,
             output: dir.clone(),
             force: false,
+            vq: None,
         })
         .unwrap();
         dir

@@ -19,6 +19,8 @@ use crate::RuntimeError;
 pub enum GraphKind {
     Prefill,
     Step,
+    /// The VQ decoder: tokens → pixels.
+    Decoder,
 }
 
 impl fmt::Display for GraphKind {
@@ -26,6 +28,7 @@ impl fmt::Display for GraphKind {
         f.write_str(match self {
             GraphKind::Prefill => "prefill",
             GraphKind::Step => "step",
+            GraphKind::Decoder => "decoder",
         })
     }
 }
@@ -68,8 +71,10 @@ pub trait Engine {
     ) -> Result<HashMap<String, Self::Value>, RuntimeError>;
 }
 
-/// Where the graph files of a model directory are, as the manifest names them.
-pub struct GraphPaths<'a> {
-    pub prefill: &'a Path,
-    pub step: &'a Path,
+/// The graphs an engine loads: which graph is in which file.
+pub type GraphPaths<'a> = [(GraphKind, &'a Path)];
+
+/// The error for running a graph the engine did not load.
+pub(crate) fn not_loaded(backend: &str, kind: GraphKind) -> RuntimeError {
+    RuntimeError::backend(backend, format!("the {kind} graph is not loaded"))
 }

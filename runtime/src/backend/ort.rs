@@ -304,8 +304,7 @@ fn environment(library: &Path) -> Result<Environment, RuntimeError> {
             }
         },
         None => {
-            let builder =
-                ort::init_from(&library).map_err(|e| RuntimeError::OrtLibrary(e.to_string()))?;
+            let builder = ort::init_from(&library).map_err(load_error)?;
             // From here the library is in the process for good: record it even if the
             // environment fails, so a later call cannot silently load a second one.
             let loaded = guard.insert(Loaded {
@@ -317,6 +316,20 @@ fn environment(library: &Path) -> Result<Environment, RuntimeError> {
             Ok(environment)
         }
     }
+}
+
+/// ort's load error with its cause: for a failed `dlopen` ort prints only "dlopen failed"
+/// and keeps the reason (not an ELF file, missing dependency, ...) in the source chain.
+fn load_error(e: ort::LoadDynamicError) -> RuntimeError {
+    let mut message = e.to_string();
+    if let ort::LoadDynamicError::Dlopen { error, .. } = &e {
+        let mut cause = std::error::Error::source(error);
+        while let Some(c) = cause {
+            message.push_str(&format!(": {c}"));
+            cause = c.source();
+        }
+    }
+    RuntimeError::OrtLibrary(message)
 }
 
 fn build_environment(
@@ -339,10 +352,9 @@ fn build_environment(
 // The engine
 // ---------------------------------------------------------------------------------------------
 
-/// A model's prefill and step graphs as ONNX Runtime sessions on the CPU provider.
+/// A model's graphs as ONNX Runtime sessions on the CPU provider.
 pub struct OrtEngine {
-    prefill: Session,
-    step: Session,
+    sessions: HashMap<GraphKind, Session>,
     library: PathBuf,
 }
 
@@ -353,13 +365,11 @@ impl OrtEngine {
     pub fn load(paths: &GraphPaths, options: &OrtOptions) -> Result<Self, RuntimeError> {
         let library = find_library(options.library.as_deref())?;
         let environment = environment(&library)?;
-        let prefill = session(&environment, GraphKind::Prefill, paths.prefill, options)?;
-        let step = session(&environment, GraphKind::Step, paths.step, options)?;
-        Ok(OrtEngine {
-            prefill,
-            step,
-            library,
-        })
+        let sessions = paths
+            .iter()
+            .map(|&(kind, path)| Ok((kind, session(&environment, kind, path, options)?)))
+            .collect::<Result<_, RuntimeError>>()?;
+        Ok(OrtEngine { sessions, library })
     }
 
     /// The ONNX Runtime library in use.
@@ -448,10 +458,10 @@ impl Engine for OrtEngine {
         graph: GraphKind,
         inputs: Vec<(String, DynValue)>,
     ) -> Result<HashMap<String, DynValue>, RuntimeError> {
-        let session = match graph {
-            GraphKind::Prefill => &mut self.prefill,
-            GraphKind::Step => &mut self.step,
-        };
+        let session = self
+            .sessions
+            .get_mut(&graph)
+            .ok_or_else(|| super::not_loaded(BACKEND, graph))?;
         check_inputs(session, graph, &inputs)?;
         let outputs = session.run(inputs).map_err(|e| {
             RuntimeError::backend(BACKEND, format!("running the {graph} graph: {e}"))
@@ -582,6 +592,7 @@ mod tests {
                             "wrong error kind: {message}"
                         );
                         assert!(message.contains(&*fake.to_string_lossy()), "{message}");
+                        assert!(message.contains("dlopen failed: "), "{message}");
                         Ok(())
                     }
                 }
@@ -640,10 +651,10 @@ mod tests {
     fn engine(dir: &Path) -> OrtEngine {
         let library = library();
         let (prefill, step) = write_model(dir);
-        let paths = GraphPaths {
-            prefill: &prefill,
-            step: &step,
-        };
+        let paths = [
+            (GraphKind::Prefill, prefill.as_path()),
+            (GraphKind::Step, step.as_path()),
+        ];
         let options = OrtOptions {
             library: Some(library),
             intra_threads: Some(1),
@@ -741,6 +752,10 @@ mod tests {
         let message = error_of(e.download_f32(&ids));
         assert!(message.contains("float32"), "{message}");
 
+        let x = e.upload(HostTensor::F32(vec![1, 3], vec![0.0; 3])).unwrap();
+        let message = error_of(e.run(GraphKind::Decoder, vec![("x".into(), x)]));
+        assert!(message.contains("decoder graph is not loaded"), "{message}");
+
         // Empty tensors are fine.
         let x = e.upload(HostTensor::F32(vec![0, 3], vec![])).unwrap();
         let out = e.run(GraphKind::Step, vec![("x".into(), x)]).unwrap();
@@ -752,10 +767,10 @@ mod tests {
         let library = library();
         let dir = tempfile::tempdir().unwrap();
         let absent = dir.path().join("absent.onnx");
-        let paths = GraphPaths {
-            prefill: &absent,
-            step: &absent,
-        };
+        let paths = [
+            (GraphKind::Prefill, absent.as_path()),
+            (GraphKind::Step, absent.as_path()),
+        ];
         let options = OrtOptions {
             library: Some(library),
             intra_threads: None,

@@ -19,14 +19,13 @@ struct LoadedGraph {
     outputs: Vec<String>,
 }
 
-/// A model's prefill and step graphs, optimised by tract.
+/// A model's graphs, optimised by tract.
 pub struct TractEngine {
-    prefill: LoadedGraph,
-    step: LoadedGraph,
+    graphs: HashMap<GraphKind, LoadedGraph>,
 }
 
 impl TractEngine {
-    /// Loads and optimises both graphs; `threads` sizes the matmul thread pool (default: the
+    /// Loads and optimises the graphs; `threads` sizes the matmul thread pool (default: the
     /// number of cores).
     pub fn load(paths: &GraphPaths, threads: Option<usize>) -> Result<Self, RuntimeError> {
         let threads = threads
@@ -37,17 +36,11 @@ impl TractEngine {
             executor: Some(multithread::Executor::multithread(threads)),
             ..RunOptions::default()
         };
-        Ok(TractEngine {
-            prefill: load_graph(paths.prefill, &options)?,
-            step: load_graph(paths.step, &options)?,
-        })
-    }
-
-    fn graph(&self, kind: GraphKind) -> &LoadedGraph {
-        match kind {
-            GraphKind::Prefill => &self.prefill,
-            GraphKind::Step => &self.step,
-        }
+        let graphs = paths
+            .iter()
+            .map(|&(kind, path)| Ok((kind, load_graph(path, &options)?)))
+            .collect::<Result<_, RuntimeError>>()?;
+        Ok(TractEngine { graphs })
     }
 }
 
@@ -118,7 +111,10 @@ impl Engine for TractEngine {
         kind: GraphKind,
         inputs: Vec<(String, TValue)>,
     ) -> Result<HashMap<String, TValue>, RuntimeError> {
-        let graph = self.graph(kind);
+        let graph = self
+            .graphs
+            .get(&kind)
+            .ok_or_else(|| super::not_loaded(BACKEND, kind))?;
         let mut by_name: HashMap<String, TValue> = inputs.into_iter().collect();
         let mut ordered = TVec::new();
         for name in &graph.inputs {
