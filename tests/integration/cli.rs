@@ -94,19 +94,34 @@ fn cli_runs_the_t2i_fixture_from_a_caption_file() {
 
 #[test]
 fn demo_runs_and_says_its_weights_are_random() {
-    let output = narx(&["demo", "--provider", "tract"]);
+    let temp = tempfile::tempdir().unwrap();
+    let picture = temp.path().join("demo.png");
+    let trace = temp.path().join("demo.gif");
+    let output = narx(&[
+        "demo",
+        "--provider",
+        "tract",
+        "--picture",
+        picture.to_str().unwrap(),
+        "--trace",
+        trace.to_str().unwrap(),
+    ]);
     assert!(output.status.success(), "demo failed:\n{}", stderr(&output));
     let text = stdout(&output);
     for needle in [
         "RANDOM weights",
         "31 model calls",
         "narx export --checkpoint",
+        "noise",
     ] {
         assert!(
             text.contains(needle),
             "demo output lacks {needle:?}:\n{text}"
         );
     }
+    let picture = image::open(&picture).unwrap();
+    assert_eq!((picture.width(), picture.height()), (256, 256));
+    assert!(trace.is_file());
 }
 
 #[test]
