@@ -5,6 +5,7 @@
 //! once ([`Generator`]); each call of [`Generator::generate`] owns its cache and RNGs.
 
 use std::collections::HashMap;
+use std::time::Instant;
 
 use narx_graphs::manifest::{Condition, KvCache, Manifest};
 use narx_graphs::nar::names;
@@ -64,6 +65,10 @@ pub struct CallReport<'a> {
     pub guided: &'a [f32],
     /// Chosen tokens `(prompts, produced)`, in wavefront order.
     pub tokens: &'a [u32],
+    /// Seconds in the model call (inputs, run, head logits to the host).
+    pub model_seconds: f64,
+    /// Seconds assembling, guiding and sampling.
+    pub sampling_seconds: f64,
 }
 
 /// Generated tokens, `(prompts, cells)` in raster order.
@@ -146,6 +151,7 @@ impl<E: Engine> Generator<E> {
         let calls = self.plan.calls().len();
         for index in 0..calls {
             let call = &self.plan.calls()[index];
+            let started = Instant::now();
             let (kind, mut inputs) = if call.is_prefill() {
                 (GraphKind::Prefill, self.prefill_inputs(prompts, rows)?)
             } else {
@@ -179,6 +185,8 @@ impl<E: Engine> Generator<E> {
             let mut outputs = self.engine.run(kind, inputs)?;
             let heads = self.head_logits(&mut outputs, rows, call.input_len())?;
             cache = self.carry_cache(outputs)?;
+            let model_seconds = started.elapsed().as_secs_f64();
+            let started = Instant::now();
             let head_refs: Vec<&[f32]> = heads.iter().map(Vec::as_slice).collect();
             let produced = call.output_len();
             let mut logits = vec![0f32; rows * produced * vocab];
@@ -202,6 +210,8 @@ impl<E: Engine> Generator<E> {
                 logits: &logits,
                 guided: &guided,
                 tokens: &tokens,
+                model_seconds,
+                sampling_seconds: started.elapsed().as_secs_f64(),
             });
         }
         Ok(Generation {

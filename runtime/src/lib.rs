@@ -3,6 +3,7 @@
 
 pub mod backend;
 pub mod decode;
+pub mod flops;
 pub mod generate;
 pub mod guidance;
 pub mod load;

@@ -1,5 +1,6 @@
 //! The command line: one file per subcommand.
 
+mod bench;
 mod decode;
 mod demo;
 mod export;
@@ -30,6 +31,8 @@ enum Command {
     Export(export::ExportArgs),
     /// Generate token grids with an exported model.
     Run(run::RunArgs),
+    /// Measure generation speed: seconds per image, GFLOP/s, memory.
+    Bench(bench::BenchArgs),
     /// Decode tokens (from `narx run --tokens-out`) into pictures.
     Decode(decode::DecodeArgs),
     /// Show what a model directory holds.
@@ -43,6 +46,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Export(args) => export::run(args),
         Command::Run(args) => run::run(args),
+        Command::Bench(args) => bench::run(args),
         Command::Decode(args) => decode::run(args),
         Command::Inspect(args) => inspect::run(args),
         Command::Demo(args) => demo::run(args),

@@ -146,3 +146,46 @@ fn unknown_provider_and_bad_flags_are_usage_errors() {
     ]);
     assert_bad_input(&output, &["/nonexistent/libonnxruntime.so"]);
 }
+
+#[test]
+fn bench_reports_speed_as_json() {
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path().join("c2i");
+    export_cli("nar-c2i-tiny", "model.safetensors", &dir);
+    for provider in ["tract", "cpu"] {
+        let output = narx(&[
+            "bench",
+            dir.to_str().unwrap(),
+            "--provider",
+            provider,
+            "--batch",
+            "2",
+            "--repeat",
+            "2",
+            "--json",
+        ]);
+        assert!(output.status.success(), "{}", stderr(&output));
+        let text = stdout(&output);
+        let last = text.lines().last().unwrap();
+        let json: serde_json::Value = serde_json::from_str(last).unwrap();
+        for key in [
+            "seconds_per_image",
+            "images_per_s",
+            "gflops_per_s",
+            "peak_rss_bytes",
+            "provider",
+            "batch",
+            "order",
+        ] {
+            assert!(
+                !json[key].is_null(),
+                "{provider}: bench JSON lacks {key}: {last}"
+            );
+        }
+        assert_eq!(json["calls"], 15);
+        assert_eq!(json["batch"], 2);
+        assert!(json["seconds_per_image"].as_f64().unwrap() > 0.0);
+    }
+    let output = narx(&["bench", dir.to_str().unwrap(), "--batch", "0"]);
+    assert_bad_input(&output, &["--batch"]);
+}

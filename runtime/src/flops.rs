@@ -1,0 +1,60 @@
+//! How much arithmetic a generation is: the matmul FLOPs of every model call, derived from the
+//! manifest, so `narx bench` can report achieved GFLOP/s against the machine's matmul rate.
+
+use narx_graphs::nar::{ConditionKind, ModelArgs};
+
+use crate::scheduler::WavefrontPlan;
+
+/// Matmul FLOPs (2 per multiply-add) of one full generation of a NAR image model with `rows`
+/// model-batch rows (prompts × 2 with guidance). Element-wise work is left out: it is a few
+/// percent.
+pub fn generation_flops(args: &ModelArgs, plan: &WavefrontPlan, rows: usize) -> f64 {
+    let d = args.dim as f64;
+    let f = args.ffn_hidden() as f64;
+    let v = args.vocab_size as f64;
+    let qkv = ((args.n_head + 2 * args.kv_heads()) * args.head_dim()) as f64;
+    let blocks = args.blocks() as f64;
+    // Condition positions, and the caption MLP the prefill runs over them (t2i).
+    let (condition_len, condition_mlp) = match args.condition() {
+        ConditionKind::Class => (1.0, 0.0),
+        ConditionKind::Caption => {
+            let t = args.cls_token_num as f64;
+            (t, t * 2.0 * (args.caption_dim as f64 * d + d * d))
+        }
+    };
+    let per_token = blocks * 2.0 * (d * qkv + d * d + 3.0 * d * f);
+    let heads = plan.head_axes().len() as f64 * 2.0 * d * v;
+    let mut total = 0.0;
+    let mut past = 0.0;
+    for call in plan.calls() {
+        let (tokens, head_rows) = if call.is_prefill() {
+            (condition_len, 1.0)
+        } else {
+            (call.input_len() as f64, call.input_len() as f64)
+        };
+        // Q·Kᵀ and the weighted sum of V, over every key visible to the new tokens.
+        let attention = blocks * 2.0 * 2.0 * tokens * (past + tokens) * d;
+        total += tokens * per_token + attention + head_rows * heads;
+        past += tokens;
+    }
+    (total + condition_mlp) * rows as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The figure: one NAR-B image at 16×16 with guidance is ~120 GFLOP.
+    #[test]
+    fn nar_b_with_guidance_is_about_120_gflop() {
+        let nar_b = ModelArgs {
+            dim: 768,
+            n_layer: 12,
+            n_head: 12,
+            ..ModelArgs::default()
+        };
+        let plan = WavefrontPlan::new(&[16, 16], &[1, 0]).unwrap();
+        let gflop = generation_flops(&nar_b, &plan, 2) / 1e9;
+        assert!((115.0..130.0).contains(&gflop), "{gflop} GFLOP");
+    }
+}
