@@ -15,7 +15,7 @@
 //! uses standard opset-17 operators only. In particular GroupNorm is built from
 //! Reshape/ReduceMean/Sub/Mul/Sqrt (`GroupNormalization` needs opset 18), and the nearest ×2
 //! upsampling is an Unsqueeze/Expand/Reshape, which is exact by construction on every engine
-//! (a `Resize` would need string attributes to pin down its rounding; see [`upsample`]).
+//! (a `Resize` would need string attributes to pin down its rounding; see `upsample` below).
 
 use serde::{Deserialize, Serialize};
 
