@@ -7,7 +7,7 @@
 
 use std::hint::black_box;
 
-use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, SamplingMode, Throughput};
 use narx_runtime::guidance::CfgSchedule;
 use narx_runtime::sampling::{sample_block, sample_row, ImageRng, SamplingParams};
 use narx_runtime::scheduler::WavefrontPlan;
@@ -111,7 +111,11 @@ fn bench_sample_block(c: &mut Criterion) {
     let cells = GRID * BATCH;
     let logits = guided_logits(&mut Noise(2), cells * VOCAB);
     let mut group = c.benchmark_group("sample_block");
-    group.throughput(Throughput::Elements(cells as u64));
+    // Up to a few hundred milliseconds per block: fewer samples, one block each.
+    group
+        .sampling_mode(SamplingMode::Flat)
+        .sample_size(20)
+        .throughput(Throughput::Elements(cells as u64));
     for (name, params) in settings() {
         let mut rngs: Vec<ImageRng> = (0..BATCH as u64).map(|i| ImageRng::new(0, i)).collect();
         let mut tokens = vec![0u32; cells];
