@@ -267,22 +267,21 @@ fn benches(c: &mut Criterion) {
     let codebook = manifest.vocab_size;
 
     let mut tract = TractEngine::load(&paths, Some(threads)).expect("tract loads the model");
-    let mut ort = match find_library(None) {
-        Ok(library) => {
+    let mut ort = find_library(None)
+        .and_then(|library| {
             let options = OrtOptions {
                 library: Some(library),
                 intra_threads: Some(threads),
             };
-            Some(OrtEngine::load(&paths, &options).expect("ONNX Runtime loads the model"))
-        }
-        Err(e) => {
+            OrtEngine::load(&paths, &options)
+        })
+        .inspect_err(|e| {
             eprintln!(
                 "model_call: the ONNX Runtime benches were NOT run: {e} \
                  (pip install onnxruntime, or set ORT_DYLIB_PATH)"
-            );
-            None
-        }
-    };
+            )
+        })
+        .ok();
 
     // Calls take milliseconds to a second: few samples of one call each.
     let mut group = c.benchmark_group("step");
@@ -305,6 +304,7 @@ fn benches(c: &mut Criterion) {
     group.finish();
 }
 
+// A call is slow enough that one second of warm-up is plenty (the default is three).
 criterion_group! {
     name = model_call;
     config = Criterion::default().warm_up_time(Duration::from_secs(1));
