@@ -68,7 +68,7 @@ fn export_model(dir: &Path) -> Manifest {
     let vq_weights = random_weights(&vq.parameters(), 1);
     export(&ExportRequest {
         source: &weights,
-        args,
+        config: args.into(),
         grid: None,
         dtype: DType::F32,
         output: dir.to_path_buf(),

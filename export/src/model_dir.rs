@@ -10,7 +10,7 @@ use narx_graphs::manifest::{
     Condition, DecoderFile, Family, GraphFile, Graphs, Head, KvCache, Manifest, SamplingDefaults,
     WeightsFile, FORMAT_VERSION,
 };
-use narx_graphs::nar::{self, names, ConditionKind, ModelArgs, NarSpec, ParamSource};
+use narx_graphs::nar::{self, names, ConditionKind, ModelConfig, NarSpec, ParamSource};
 use narx_graphs::vq::{self, VqConfig};
 use narx_graphs::weights::WeightStore;
 use narx_graphs::{encode_model, DType, GraphError};
@@ -31,8 +31,9 @@ const PROFILE_MAX_PROMPTS: usize = 8;
 /// What to export.
 pub struct ExportRequest<'a> {
     pub source: &'a dyn TensorSource,
-    pub args: ModelArgs,
-    /// Grid side; `None` takes it from `block_size`.
+    pub config: ModelConfig,
+    /// Image grid side; `None` takes it from `block_size`. Video grids are the config's
+    /// `latent_shape`.
     pub grid: Option<usize>,
     pub dtype: DType,
     pub output: PathBuf,
@@ -88,25 +89,40 @@ impl ParamSource for Params<'_> {
 
 /// Writes the model directory; returns its manifest.
 pub fn export(request: &ExportRequest) -> Result<Manifest, ExportError> {
-    request.args.validate()?;
-    let grid = match request.grid {
-        Some(n) => n,
-        None => request.args.default_grid().ok_or_else(|| {
-            ExportError::Usage(format!(
-                "block_size {} is not a square grid; pass --grid N",
-                request.args.block_size
+    request.config.validate()?;
+    let grid = match (&request.config, request.grid) {
+        (ModelConfig::Image(_), Some(n)) => vec![n, n],
+        (ModelConfig::Image(args), None) => {
+            let n = args.default_grid().ok_or_else(|| {
+                ExportError::Usage(format!(
+                    "block_size {} is not a square grid; pass --grid N",
+                    args.block_size
+                ))
+            })?;
+            vec![n, n]
+        }
+        (ModelConfig::Video(_), Some(_)) => {
+            return Err(ExportError::Usage(
+                "a video model's grid is its latent_shape (set it in --config), not --grid".into(),
             ))
-        })?,
+        }
+        (ModelConfig::Video(args), None) => args.latent_shape.clone(),
     };
-    let spec = NarSpec::new(request.args.clone(), grid, request.dtype)?;
-    check_parameters(request.source, &spec.args.parameters())?;
+    let spec = NarSpec::new(request.config.clone(), grid, request.dtype)?;
+    check_parameters(request.source, &spec.config.parameters())?;
+    let vocab_size = spec.config.transformer().vocab_size;
     if let Some(vq) = &request.vq {
         vq.config.validate()?;
-        if vq.config.codebook_size != spec.args.vocab_size {
+        if matches!(spec.config, ModelConfig::Video(_)) {
+            return Err(ExportError::Usage(
+                "the VQ decoder makes pictures; a video model needs the LARP decoder".into(),
+            ));
+        }
+        if vq.config.codebook_size != vocab_size {
             return Err(ExportError::Usage(format!(
-                "the VQ codebook has {} entries but the model's vocabulary is {}: \
+                "the VQ codebook has {} entries but the model's vocabulary is {vocab_size}: \
                  they must be the same tokenizer",
-                vq.config.codebook_size, spec.args.vocab_size
+                vq.config.codebook_size
             )));
         }
         check_parameters(vq.source, &vq.config.parameters())?;
@@ -160,46 +176,65 @@ fn manifest(
     step: GraphFile,
     weight_bytes: u64,
 ) -> Result<Manifest, ExportError> {
-    let args = &spec.args;
-    let n = spec.grid;
+    let config = &spec.config;
+    let shape = config.transformer();
     let c = spec.condition_len();
-    let (family, condition, sampling) = match args.condition() {
-        ConditionKind::Class => (
-            Family::NarC2i,
-            Condition::Class {
-                num_classes: args.num_classes,
-                null_class: (args.class_rows() > args.num_classes).then_some(args.num_classes),
-            },
-            // sample_c2i.py
+    let class_condition = || {
+        let (num_classes, rows) = config.classes().unwrap_or_default();
+        Condition::Class {
+            num_classes,
+            null_class: (rows > num_classes).then_some(num_classes),
+        }
+    };
+    let (family, condition, sampling) = match config {
+        ModelConfig::Video(_) => (
+            Family::NarVideo,
+            class_condition(),
+            // NAR-videos README and run_sample_one.sh (sample.py's own default is cfg 1.0).
             SamplingDefaults {
-                cfg_scale: 4.0,
-                cfg_interval: -1,
-                temperature: 1.0,
-                top_k: 2000,
-                top_p: 1.0,
-            },
-        ),
-        ConditionKind::Caption => (
-            Family::NarT2i,
-            Condition::Caption {
-                tokens: c,
-                dim: args.caption_dim,
-            },
-            // sample_t2i.py
-            SamplingDefaults {
-                cfg_scale: 7.5,
+                cfg_scale: 1.25,
                 cfg_interval: -1,
                 temperature: 1.0,
                 top_k: 0,
                 top_p: 1.0,
             },
         ),
+        ModelConfig::Image(args) => match args.condition() {
+            ConditionKind::Class => (
+                Family::NarC2i,
+                class_condition(),
+                // sample_c2i.py
+                SamplingDefaults {
+                    cfg_scale: 4.0,
+                    cfg_interval: -1,
+                    temperature: 1.0,
+                    top_k: 2000,
+                    top_p: 1.0,
+                },
+            ),
+            ConditionKind::Caption => (
+                Family::NarT2i,
+                Condition::Caption {
+                    tokens: c,
+                    dim: args.caption_dim,
+                },
+                // sample_t2i.py
+                SamplingDefaults {
+                    cfg_scale: 7.5,
+                    cfg_interval: -1,
+                    temperature: 1.0,
+                    top_k: 0,
+                    top_p: 1.0,
+                },
+            ),
+        },
     };
     let rows = 2 * PROFILE_MAX_PROMPTS;
+    let (cells, widest) = (spec.cells(), spec.widest_wavefront());
     let ranges: BTreeMap<&str, (usize, usize, usize)> = [
         (nar::dims::BATCH, (1, 2, rows)),
-        (nar::dims::WIDTH, (1, n, n)),
-        (nar::dims::PAST, (c, c + n * n / 2, c + n * n - 1)),
+        (nar::dims::WIDTH, (1, widest, widest)),
+        (nar::dims::PAST, (c, c + cells / 2, c + cells - 1)),
     ]
     .into_iter()
     .collect();
@@ -213,24 +248,21 @@ fn manifest(
         format_version: FORMAT_VERSION,
         producer: format!("narx {}", env!("CARGO_PKG_VERSION")),
         family,
-        config: args.clone(),
-        grid: vec![n, n],
-        vocab_size: args.vocab_size,
+        config: config.clone(),
+        grid: spec.grid.clone(),
+        vocab_size: shape.vocab_size,
         dtype: spec.dtype,
-        parameters: args.parameter_count(),
+        parameters: config.parameter_count(),
         condition,
-        heads: vec![
-            Head {
-                name: "right".into(),
-                output: names::LOGITS_RIGHT.into(),
-                axis: 1,
-            },
-            Head {
-                name: "down".into(),
-                output: names::LOGITS_DOWN.into(),
-                axis: 0,
-            },
-        ],
+        heads: config
+            .heads()
+            .into_iter()
+            .map(|head| Head {
+                name: head.name.into(),
+                output: head.output.into(),
+                axis: head.axis,
+            })
+            .collect(),
         graphs: Graphs { prefill, step },
         weights: WeightsFile {
             file: WEIGHTS_FILE.into(),
@@ -238,9 +270,9 @@ fn manifest(
         },
         kv_cache: KvCache {
             layout: "append".into(),
-            layers: args.blocks(),
-            kv_heads: args.kv_heads(),
-            head_dim: args.head_dim(),
+            layers: config.blocks(),
+            kv_heads: shape.kv_heads(),
+            head_dim: shape.head_dim(),
             dtype: spec.dtype,
             capacity: spec.cache_capacity(),
             past_key: "past.{layer}.key".into(),

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::builder::{describe_io, DType, Dim};
-use crate::nar::ModelArgs;
+use crate::nar::ModelConfig;
 use crate::onnx::ModelProto;
 use crate::vq::VqConfig;
 use crate::GraphError;
@@ -45,8 +45,8 @@ pub struct Manifest {
     /// The narx that wrote it.
     pub producer: String,
     pub family: Family,
-    /// Upstream `ModelArgs`.
-    pub config: ModelArgs,
+    /// Upstream `ModelArgs` of the image or the video model.
+    pub config: ModelConfig,
     /// Latent grid: `[rows, cols]` (image) or `[T, H, W]` (video).
     pub grid: Vec<usize>,
     pub vocab_size: usize,
@@ -302,6 +302,14 @@ impl Manifest {
         }
         if self.heads.is_empty() {
             return Err("no heads".into());
+        }
+        let video_config = matches!(self.config, ModelConfig::Video(_));
+        if video_config != (self.family == Family::NarVideo) {
+            return Err(format!(
+                "family {} does not match its config (an {} model's arguments)",
+                self.family,
+                if video_config { "video" } else { "image" }
+            ));
         }
         for head in &self.heads {
             if head.axis >= self.grid.len() {

@@ -1,26 +1,32 @@
 //! How much arithmetic a generation is: the matmul FLOPs of every model call, derived from the
 //! manifest, so `narx bench` can report achieved GFLOP/s against the machine's matmul rate.
 
-use narx_graphs::nar::{ConditionKind, ModelArgs};
+use narx_graphs::nar::{ModelArgs, ModelConfig};
 
 use crate::scheduler::WavefrontPlan;
 
-/// Matmul FLOPs (2 per multiply-add) of one full generation of a NAR image model with `rows`
+/// Matmul FLOPs (2 per multiply-add) of one full generation of a NAR model with `rows`
 /// model-batch rows (prompts × 2 with guidance). Element-wise work is left out: it is a few
 /// percent.
-pub fn generation_flops(args: &ModelArgs, plan: &WavefrontPlan, rows: usize) -> f64 {
-    let d = args.dim as f64;
-    let f = args.ffn_hidden() as f64;
-    let v = args.vocab_size as f64;
-    let qkv = ((args.n_head + 2 * args.kv_heads()) * args.head_dim()) as f64;
-    let blocks = args.blocks() as f64;
+pub fn generation_flops(config: &ModelConfig, plan: &WavefrontPlan, rows: usize) -> f64 {
+    let shape = config.transformer();
+    let d = shape.dim as f64;
+    let f = shape.ffn_hidden() as f64;
+    let v = shape.vocab_size as f64;
+    let qkv = ((shape.n_head + 2 * shape.kv_heads()) * shape.head_dim()) as f64;
+    let blocks = config.blocks() as f64;
     // Condition positions, and the caption MLP the prefill runs over them (t2i).
-    let (condition_len, condition_mlp) = match args.condition() {
-        ConditionKind::Class => (1.0, 0.0),
-        ConditionKind::Caption => {
-            let t = args.cls_token_num as f64;
-            (t, t * 2.0 * (args.caption_dim as f64 * d + d * d))
+    let (condition_len, condition_mlp) = match config {
+        ModelConfig::Image(ModelArgs {
+            model_type,
+            cls_token_num,
+            caption_dim,
+            ..
+        }) if model_type == "t2i" => {
+            let t = *cls_token_num as f64;
+            (t, t * 2.0 * (*caption_dim as f64 * d + d * d))
         }
+        _ => (1.0, 0.0),
     };
     let per_token = blocks * 2.0 * (d * qkv + d * d + 3.0 * d * f);
     let heads = plan.head_axes().len() as f64 * 2.0 * d * v;
@@ -54,7 +60,7 @@ mod tests {
             ..ModelArgs::default()
         };
         let plan = WavefrontPlan::new(&[16, 16], &[1, 0]).unwrap();
-        let gflop = generation_flops(&nar_b, &plan, 2) / 1e9;
+        let gflop = generation_flops(&nar_b.into(), &plan, 2) / 1e9;
         assert!((115.0..130.0).contains(&gflop), "{gflop} GFLOP");
     }
 }

@@ -9,13 +9,14 @@ use clap::Args;
 
 use narx_export::model_dir::{export, ExportRequest};
 use narx_export::random::random_weights;
+use narx_graphs::nar::ModelConfig;
 use narx_graphs::DType;
 use narx_runtime::flops::generation_flops;
 use narx_runtime::generate::{Generation, Prompts};
 use narx_runtime::guidance::uses_uncond_half;
 use narx_runtime::load::{AnyGenerator, Purpose};
 
-use super::export::model_args;
+use super::export::model_config;
 use super::run::{BackendArgs, SamplingArgs};
 use super::BadInput;
 
@@ -100,13 +101,18 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let dir = match (&args.model, &args.preset) {
         (Some(dir), _) => dir.clone(),
         (None, Some(name)) => {
-            let model = model_args(Some(name), None)?;
+            let model = model_config(Some(name), None)?;
+            // The image grid is a bench setting; a video model's is its latent_shape.
+            let grid = match model {
+                ModelConfig::Image(_) => Some(args.grid.unwrap_or(16)),
+                ModelConfig::Video(_) => args.grid,
+            };
             let dir = temp.path().join(name);
             eprintln!("narx: exporting {name} with random weights (speed only: output is noise)");
             export(&ExportRequest {
                 source: &random_weights(&model.parameters(), 0),
-                args: model,
-                grid: Some(args.grid.unwrap_or(16)),
+                config: model,
+                grid,
                 dtype: DType::F32,
                 output: dir.clone(),
                 force: false,

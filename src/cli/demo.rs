@@ -8,7 +8,7 @@ use clap::Args;
 
 use narx_export::model_dir::{export, ExportRequest, VqRequest};
 use narx_export::random::random_weights;
-use narx_graphs::nar::ModelArgs;
+use narx_graphs::nar::{ModelArgs, ModelConfig};
 use narx_graphs::vq::VqConfig;
 use narx_graphs::DType;
 use narx_runtime::generate::Prompts;
@@ -70,14 +70,14 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             temp.path().join("nar-demo")
         }
     };
-    let model = demo_model();
+    let model = ModelConfig::from(demo_model());
     let weights = random_weights(&model.parameters(), 0);
     let tokenizer = demo_tokenizer();
     let tokenizer_weights = random_weights(&tokenizer.parameters(), 1);
     let started = Instant::now();
     let manifest = export(&ExportRequest {
         source: &weights,
-        args: model,
+        config: model,
         grid: None,
         dtype: DType::F32,
         output: dir.clone(),

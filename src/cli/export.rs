@@ -9,7 +9,7 @@ use clap::{Args, ValueEnum};
 use narx_export::checkpoint::open_checkpoint;
 use narx_export::model_dir::{export, ExportRequest, VqRequest};
 use narx_export::presets::{preset, preset_names};
-use narx_graphs::nar::ModelArgs;
+use narx_graphs::nar::ModelConfig;
 use narx_graphs::vq::VqConfig;
 use narx_graphs::DType;
 
@@ -20,13 +20,16 @@ pub struct ExportArgs {
     /// Checkpoint: safetensors, or a PyTorch `.pt`/`.pth` (read without running any code).
     #[arg(long)]
     checkpoint: PathBuf,
-    /// Model shape: nar-b, nar-m, nar-l, nar-xl, nar-xxl (c2i) or nar-xl-t2i.
+    /// Model shape: nar-b, nar-m, nar-l, nar-xl, nar-xxl (c2i), nar-xl-t2i, or a video model
+    /// nar-video-{s,b,l,lp,xl,xxl,xxxl}.
     #[arg(long, conflicts_with = "config", required_unless_present = "config")]
     preset: Option<String>,
-    /// JSON object with upstream `ModelArgs` fields, instead of a preset.
+    /// JSON object with upstream `ModelArgs` fields, instead of a preset (a video model's
+    /// has `latent_shape`).
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Latent grid side n (image n·16 px); default from the config's block_size.
+    /// Latent grid side n (image n·16 px); default from the config's block_size. Video grids
+    /// are the config's latent_shape.
     #[arg(long)]
     grid: Option<usize>,
     /// Precision of weights and matmuls.
@@ -69,11 +72,11 @@ impl Precision {
     }
 }
 
-/// `--preset` or `--config` → upstream `ModelArgs`.
-pub fn model_args(
+/// `--preset` or `--config` → upstream `ModelArgs` of either family.
+pub fn model_config(
     preset_name: Option<&str>,
     config: Option<&PathBuf>,
-) -> anyhow::Result<ModelArgs> {
+) -> anyhow::Result<ModelConfig> {
     if let Some(name) = preset_name {
         return preset(name).ok_or_else(|| {
             BadInput(format!(
@@ -105,7 +108,7 @@ fn vq_config(preset: Option<&str>, config: Option<&PathBuf>) -> anyhow::Result<V
 }
 
 pub fn run(args: ExportArgs) -> anyhow::Result<()> {
-    let model = model_args(args.preset.as_deref(), args.config.as_ref())?;
+    let model = model_config(args.preset.as_deref(), args.config.as_ref())?;
     let vq_config = vq_config(args.vq_preset.as_deref(), args.vq_config.as_ref())?;
     if args.grid == Some(0) {
         return Err(BadInput("--grid must be at least 1".into()).into());
@@ -119,7 +122,7 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
         .transpose()?;
     let manifest = export(&ExportRequest {
         source: source.as_ref(),
-        args: model,
+        config: model,
         grid: args.grid,
         dtype: args.dtype.dtype(),
         output: args.output.clone(),
@@ -134,15 +137,22 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&manifest)?);
     } else {
         println!(
-            "exported {} ({} parameters, grid {}×{}, {:?}) to {} in {:.1} s",
+            "exported {} ({} parameters, grid {}, {:?}) to {} in {:.1} s",
             manifest.family,
             manifest.parameters,
-            manifest.grid[0],
-            manifest.grid[1],
+            grid_text(&manifest.grid),
             manifest.dtype,
             args.output.display(),
             started.elapsed().as_secs_f64()
         );
     }
     Ok(())
+}
+
+/// `[4, 16, 16]` → `4×16×16`.
+pub fn grid_text(grid: &[usize]) -> String {
+    grid.iter()
+        .map(usize::to_string)
+        .collect::<Vec<_>>()
+        .join("×")
 }

@@ -52,12 +52,18 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&m)?);
         return Ok(());
     }
-    let c = &m.config;
+    let c = m.config.transformer();
     let steps = m.grid.iter().sum::<usize>() + 1 - m.grid.len();
     println!("{}: {}", args.model.display(), m.family);
     println!(
-        "  {} parameters: {} blocks (+1 extra), {} heads ({} kv), dim {}, vocab {}",
-        m.parameters, c.n_layer, c.n_head, m.kv_cache.kv_heads, c.dim, m.vocab_size
+        "  {} parameters: {} blocks (+{} extra), {} attention heads ({} kv), dim {}, vocab {}",
+        m.parameters,
+        c.n_layer,
+        m.config.blocks() - c.n_layer,
+        c.n_head,
+        m.kv_cache.kv_heads,
+        c.dim,
+        m.vocab_size
     );
     let grid: Vec<String> = m.grid.iter().map(usize::to_string).collect();
     println!(

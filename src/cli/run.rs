@@ -327,10 +327,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         println!("{result}");
     } else {
         println!(
-            "generated {} image(s) of {}×{} tokens in {} model calls, {:.2} s ({:.2} s/image) on {}",
+            "generated {} image(s) of {} tokens in {} model calls, {:.2} s ({:.2} s/image) on {}",
             generation.tokens.len(),
-            generation.grid[0],
-            generation.grid[1],
+            super::export::grid_text(&generation.grid),
             generation.calls,
             seconds,
             seconds / generation.tokens.len() as f64,

@@ -6,7 +6,7 @@ use std::process::{Command, Output};
 use narx_export::checkpoint::open_checkpoint;
 use narx_export::model_dir::{export, ExportRequest};
 use narx_graphs::manifest::Manifest;
-use narx_graphs::nar::ModelArgs;
+use narx_graphs::nar::ModelConfig;
 use narx_graphs::DType;
 use narx_runtime::backend::ort::{find_library, OrtEngine, OrtOptions};
 use narx_runtime::backend::tract::TractEngine;
@@ -33,7 +33,7 @@ pub fn reference_json(name: &str) -> serde_json::Value {
     serde_json::from_str(&text).unwrap()
 }
 
-pub fn model_args(name: &str) -> ModelArgs {
+pub fn model_config(name: &str) -> ModelConfig {
     serde_json::from_value(reference_json(name)["config"].clone()).unwrap()
 }
 
@@ -97,7 +97,7 @@ pub fn export_fixture(name: &str, file: &str, dir: &Path, dtype: DType) -> Manif
     let source = open_checkpoint(&fixture(name).join(file)).unwrap();
     export(&ExportRequest {
         source: source.as_ref(),
-        args: model_args(name),
+        config: model_config(name),
         grid: None,
         dtype,
         output: dir.to_path_buf(),

@@ -147,7 +147,7 @@ fn grouped_query_attention_matches_repeated_kv_heads() {
         let dir = temp.path().join(name);
         export(&ExportRequest {
             source: weights,
-            args: args.clone(),
+            config: args.clone().into(),
             grid: None,
             dtype: DType::F32,
             output: dir.clone(),

@@ -54,7 +54,7 @@ fn replay<E: Engine>(generator: &mut Generator<E>, name: &str) {
         },
         seed: 0,
     };
-    let condition_len = generator.manifest().config.cls_token_num;
+    let condition_len = generator.manifest().config.condition_len();
     let vocab = generator.manifest().vocab_size;
     let backend = generator.engine_name();
     let mut problems = Vec::new();
@@ -140,4 +140,11 @@ fn c2i_fixture_matches_upstream_on_tract_and_onnxruntime() {
 #[test]
 fn t2i_fixture_matches_upstream_on_tract_and_onnxruntime() {
     parity("nar-t2i-tiny");
+}
+
+/// Three heads over a (T, H, W) grid, a learned position table, and upstream's video
+/// checkpoint loaded from both formats.
+#[test]
+fn video_fixture_matches_upstream_on_tract_and_onnxruntime() {
+    parity("nar-video-tiny");
 }

@@ -12,8 +12,8 @@ use narx_runtime::picture::{generated_after, greyed, to_pixels, trace_frames};
 use narx_runtime::scheduler::WavefrontPlan;
 
 use crate::common::{
-    assert_bad_input, fixture, model_args, narx, ort_engine, reference_json, stderr, tract_engine,
-    Reference,
+    assert_bad_input, fixture, model_config, narx, ort_engine, reference_json, stderr,
+    tract_engine, Reference,
 };
 
 fn vq_config() -> VqConfig {
@@ -26,7 +26,7 @@ fn export_with_decoder(dir: &Path) {
     let vq = open_checkpoint(&fixture("vq16-tiny").join("model.safetensors")).unwrap();
     export(&ExportRequest {
         source: nar.as_ref(),
-        args: model_args("nar-c2i-tiny"),
+        config: model_config("nar-c2i-tiny"),
         grid: None,
         dtype: DType::F32,
         output: dir.to_path_buf(),

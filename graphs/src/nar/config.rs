@@ -1,8 +1,11 @@
 //! The upstream `ModelArgs` (NAR-SPEC §1.1) and what follows from it: head size, FFN size,
-//! condition length, the parameter list a checkpoint must hold (§5).
+//! condition length, the parameter list a checkpoint must hold (§5); and [`ModelConfig`],
+//! which holds either family's arguments and answers what the graphs and the manifest ask.
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 
+use super::names;
+use super::video::VideoArgs;
 use crate::GraphError;
 
 /// Upstream `ModelArgs`, field for field, with upstream's defaults. Training-only fields are
@@ -88,27 +91,13 @@ impl ModelArgs {
     /// Checks what the graphs rely on; the message names the field.
     pub fn validate(&self) -> Result<(), GraphError> {
         let bad = |m: String| Err(GraphError::Config(m));
-        if self.dim == 0 || self.n_layer == 0 || self.n_head == 0 || self.vocab_size == 0 {
-            return bad("dim, n_layer, n_head and vocab_size must be positive".into());
-        }
-        if !self.dim.is_multiple_of(self.n_head) {
-            return bad(format!(
-                "dim {} is not a multiple of n_head {}",
-                self.dim, self.n_head
-            ));
-        }
-        if !self.head_dim().is_multiple_of(4) {
+        let transformer = self.transformer();
+        transformer.validate()?;
+        if !transformer.head_dim().is_multiple_of(4) {
             return bad(format!(
                 "head dim {} must be a multiple of 4 for the 2-D rotary table",
-                self.head_dim()
+                transformer.head_dim()
             ));
-        }
-        let kv = self.kv_heads();
-        if kv == 0 || !self.n_head.is_multiple_of(kv) {
-            return bad(format!("n_kv_head {kv} must divide n_head {}", self.n_head));
-        }
-        if self.multiple_of == 0 {
-            return bad("multiple_of must be positive".into());
         }
         if self.medusa_attention_num != 1 {
             return bad(format!(
@@ -140,12 +129,18 @@ impl ModelArgs {
         }
     }
 
-    pub fn head_dim(&self) -> usize {
-        self.dim / self.n_head
-    }
-
-    pub fn kv_heads(&self) -> usize {
-        self.n_kv_head.unwrap_or(self.n_head)
+    /// The transformer's shape.
+    pub fn transformer(&self) -> Transformer {
+        Transformer {
+            dim: self.dim,
+            n_layer: self.n_layer,
+            n_head: self.n_head,
+            n_kv_head: self.n_kv_head,
+            multiple_of: self.multiple_of,
+            ffn_dim_multiplier: self.ffn_dim_multiplier,
+            norm_eps: self.norm_eps,
+            vocab_size: self.vocab_size,
+        }
     }
 
     /// Transformer blocks: the trunk plus the extra ("medusa") block.
@@ -153,18 +148,9 @@ impl ModelArgs {
         self.n_layer + 1
     }
 
-    /// SwiGLU hidden size, as upstream's `FeedForward` computes it.
-    pub fn ffn_hidden(&self) -> usize {
-        let mut hidden = 2 * (4 * self.dim) / 3;
-        if let Some(m) = self.ffn_dim_multiplier {
-            hidden = (m * hidden as f64) as usize;
-        }
-        hidden.div_ceil(self.multiple_of) * self.multiple_of
-    }
-
     /// Rows of the class table: one per class, plus the null class when trained with dropout.
     pub fn class_rows(&self) -> usize {
-        self.num_classes + usize::from(self.class_dropout_prob > 0.0)
+        class_rows(self.num_classes, self.class_dropout_prob)
     }
 
     /// The grid side implied by `block_size` (`n²`), if it is a square.
@@ -173,10 +159,31 @@ impl ModelArgs {
         (n * n == self.block_size && n > 0).then_some(n)
     }
 
+    /// The right head reads the trunk, the down head the extra block (NAR-SPEC §1.3).
+    pub fn heads(&self) -> Vec<HeadSpec> {
+        vec![
+            HeadSpec {
+                name: "right",
+                output: names::LOGITS_RIGHT,
+                axis: 1,
+                after_blocks: self.n_layer,
+                norm: "norm.weight",
+                projection: "output.weight",
+            },
+            HeadSpec {
+                name: "down",
+                output: names::LOGITS_DOWN,
+                axis: 0,
+                after_blocks: self.n_layer + 1,
+                norm: "medusa_norm.weight",
+                projection: "medusa_output.weight",
+            },
+        ]
+    }
+
     /// Every tensor a checkpoint must hold, with upstream names and shapes (NAR-SPEC §5).
     pub fn parameters(&self) -> Vec<(String, Vec<usize>)> {
-        let (d, f, v) = (self.dim, self.ffn_hidden(), self.vocab_size);
-        let qkv = (self.n_head + 2 * self.kv_heads()) * self.head_dim();
+        let d = self.dim;
         let mut params = match self.condition() {
             ConditionKind::Class => vec![(
                 "cls_embedding.embedding_table.weight".to_string(),
@@ -194,8 +201,82 @@ impl ModelArgs {
                 ),
             ],
         };
-        params.push(("tok_embeddings.weight".into(), vec![v, d]));
-        for i in 0..self.blocks() {
+        params.extend(
+            self.transformer()
+                .body_parameters(self.blocks(), &self.heads()),
+        );
+        params
+    }
+}
+
+/// Upstream's `LabelEmbedder`: one row per class, plus the null class when trained with
+/// label dropout.
+pub(super) fn class_rows(num_classes: usize, class_dropout_prob: f64) -> usize {
+    num_classes + usize::from(class_dropout_prob > 0.0)
+}
+
+/// The transformer shape both families share (blocks, attention, FFN, vocabulary).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Transformer {
+    pub dim: usize,
+    pub n_layer: usize,
+    pub n_head: usize,
+    pub n_kv_head: Option<usize>,
+    pub multiple_of: usize,
+    pub ffn_dim_multiplier: Option<f64>,
+    pub norm_eps: f64,
+    pub vocab_size: usize,
+}
+
+impl Transformer {
+    pub(super) fn validate(&self) -> Result<(), GraphError> {
+        let bad = |m: String| Err(GraphError::Config(m));
+        if self.dim == 0 || self.n_layer == 0 || self.n_head == 0 || self.vocab_size == 0 {
+            return bad("dim, n_layer, n_head and vocab_size must be positive".into());
+        }
+        if !self.dim.is_multiple_of(self.n_head) {
+            return bad(format!(
+                "dim {} is not a multiple of n_head {}",
+                self.dim, self.n_head
+            ));
+        }
+        let kv = self.kv_heads();
+        if kv == 0 || !self.n_head.is_multiple_of(kv) {
+            return bad(format!("n_kv_head {kv} must divide n_head {}", self.n_head));
+        }
+        if self.multiple_of == 0 {
+            return bad("multiple_of must be positive".into());
+        }
+        Ok(())
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.dim / self.n_head
+    }
+
+    pub fn kv_heads(&self) -> usize {
+        self.n_kv_head.unwrap_or(self.n_head)
+    }
+
+    /// SwiGLU hidden size, as upstream's `FeedForward` computes it.
+    pub fn ffn_hidden(&self) -> usize {
+        let mut hidden = 2 * (4 * self.dim) / 3;
+        if let Some(m) = self.ffn_dim_multiplier {
+            hidden = (m * hidden as f64) as usize;
+        }
+        hidden.div_ceil(self.multiple_of) * self.multiple_of
+    }
+
+    /// The token table, `blocks` blocks and the heads' norms and projections.
+    pub(super) fn body_parameters(
+        &self,
+        blocks: usize,
+        heads: &[HeadSpec],
+    ) -> Vec<(String, Vec<usize>)> {
+        let (d, f, v) = (self.dim, self.ffn_hidden(), self.vocab_size);
+        let qkv = (self.n_head + 2 * self.kv_heads()) * self.head_dim();
+        let mut params = vec![("tok_embeddings.weight".to_string(), vec![v, d])];
+        for i in 0..blocks {
             let p = |s: &str| format!("layers.{i}.{s}");
             params.extend([
                 (p("attention.wqkv.weight"), vec![qkv, d]),
@@ -207,13 +288,143 @@ impl ModelArgs {
                 (p("ffn_norm.weight"), vec![d]),
             ]);
         }
-        params.extend([
-            ("norm.weight".into(), vec![d]),
-            ("output.weight".into(), vec![v, d]),
-            ("medusa_norm.weight".into(), vec![d]),
-            ("medusa_output.weight".into(), vec![v, d]),
-        ]);
+        for head in heads {
+            params.push((head.norm.to_string(), vec![d]));
+            params.push((head.projection.to_string(), vec![v, d]));
+        }
         params
+    }
+}
+
+/// A dimension head: the block output it reads, its norm and projection, and the grid axis
+/// along which it predicts the neighbour.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HeadSpec {
+    pub name: &'static str,
+    /// Graph output holding its logits.
+    pub output: &'static str,
+    pub axis: usize,
+    /// How many blocks run before its input is taken.
+    pub after_blocks: usize,
+    pub norm: &'static str,
+    pub projection: &'static str,
+}
+
+/// Where a token's position enters the model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PositionEncoding {
+    /// The image model's 2-D rotary table (NAR-SPEC §1.7), applied to Q and K.
+    Rotary2d,
+    /// The video model's learned table `abs_pe`, added to the embeddings (§7).
+    Learned { rows: usize },
+}
+
+/// Either family's upstream arguments. Serialised as the bare arguments; read back as video
+/// when the object has a `latent_shape` (every video config does; no image config does).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum ModelConfig {
+    Image(ModelArgs),
+    Video(VideoArgs),
+}
+
+impl<'de> Deserialize<'de> for ModelConfig {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let value = serde_json::Value::deserialize(deserializer)?;
+        let is_video = value.get("latent_shape").is_some();
+        if is_video {
+            serde_json::from_value(value).map(ModelConfig::Video)
+        } else {
+            serde_json::from_value(value).map(ModelConfig::Image)
+        }
+        .map_err(serde::de::Error::custom)
+    }
+}
+
+impl From<ModelArgs> for ModelConfig {
+    fn from(args: ModelArgs) -> Self {
+        ModelConfig::Image(args)
+    }
+}
+
+impl From<VideoArgs> for ModelConfig {
+    fn from(args: VideoArgs) -> Self {
+        ModelConfig::Video(args)
+    }
+}
+
+impl ModelConfig {
+    pub fn validate(&self) -> Result<(), GraphError> {
+        match self {
+            ModelConfig::Image(a) => a.validate(),
+            ModelConfig::Video(a) => a.validate(),
+        }
+    }
+
+    pub fn transformer(&self) -> Transformer {
+        match self {
+            ModelConfig::Image(a) => a.transformer(),
+            ModelConfig::Video(a) => a.transformer(),
+        }
+    }
+
+    /// Every block, trunk and extra ones: each has a KV cache.
+    pub fn blocks(&self) -> usize {
+        match self {
+            ModelConfig::Image(a) => a.blocks(),
+            ModelConfig::Video(a) => a.blocks(),
+        }
+    }
+
+    /// The dimension heads, in the order the prefill sums them.
+    pub fn heads(&self) -> Vec<HeadSpec> {
+        match self {
+            ModelConfig::Image(a) => a.heads(),
+            ModelConfig::Video(a) => a.heads(),
+        }
+    }
+
+    pub fn positions(&self) -> PositionEncoding {
+        match self {
+            ModelConfig::Image(_) => PositionEncoding::Rotary2d,
+            ModelConfig::Video(a) => PositionEncoding::Learned {
+                rows: a.position_rows(),
+            },
+        }
+    }
+
+    pub fn condition(&self) -> ConditionKind {
+        match self {
+            ModelConfig::Image(a) => a.condition(),
+            ModelConfig::Video(_) => ConditionKind::Class,
+        }
+    }
+
+    /// Condition positions `C`.
+    pub fn condition_len(&self) -> usize {
+        match self {
+            ModelConfig::Image(a) => a.cls_token_num,
+            ModelConfig::Video(a) => a.cls_token_num,
+        }
+    }
+
+    /// `(num_classes, rows of the class table)` for class-conditional models.
+    pub fn classes(&self) -> Option<(usize, usize)> {
+        match self {
+            ModelConfig::Image(a) if a.condition() == ConditionKind::Class => {
+                Some((a.num_classes, a.class_rows()))
+            }
+            ModelConfig::Image(_) => None,
+            ModelConfig::Video(a) => Some((a.num_classes, a.class_rows())),
+        }
+    }
+
+    /// Every tensor a checkpoint must hold, with upstream names and shapes.
+    pub fn parameters(&self) -> Vec<(String, Vec<usize>)> {
+        match self {
+            ModelConfig::Image(a) => a.parameters(),
+            ModelConfig::Video(a) => a.parameters(),
+        }
     }
 
     /// Number of parameters (the `uncond_embedding` buffer excluded, as upstream counts).
@@ -241,23 +452,25 @@ mod tests {
 
     #[test]
     fn parameter_counts_match_the_spec_table() {
-        assert_eq!(preset(12, 12, 768).parameter_count(), 130_551_552);
-        assert_eq!(preset(24, 16, 1024).parameter_count(), 372_536_320);
-        assert_eq!(preset(36, 20, 1280).parameter_count(), 815_991_040);
+        let count = |args: ModelArgs| ModelConfig::from(args).parameter_count();
+        assert_eq!(count(preset(12, 12, 768)), 130_551_552);
+        assert_eq!(count(preset(24, 16, 1024)), 372_536_320);
+        assert_eq!(count(preset(36, 20, 1280)), 815_991_040);
         let t2i = ModelArgs {
             model_type: "t2i".into(),
             cls_token_num: 120,
             ..preset(36, 20, 1280)
         };
-        assert_eq!(t2i.parameter_count(), 818_969_600);
+        assert_eq!(count(t2i), 818_969_600);
     }
 
     #[test]
     fn ffn_sizes_match_the_spec_table() {
-        assert_eq!(preset(12, 12, 768).ffn_hidden(), 2048);
-        assert_eq!(preset(18, 16, 1024).ffn_hidden(), 2816);
-        assert_eq!(preset(36, 20, 1280).ffn_hidden(), 3584);
-        assert_eq!(preset(48, 24, 1536).ffn_hidden(), 4096);
+        let ffn = |l, h, d| preset(l, h, d).transformer().ffn_hidden();
+        assert_eq!(ffn(12, 12, 768), 2048);
+        assert_eq!(ffn(18, 16, 1024), 2816);
+        assert_eq!(ffn(36, 20, 1280), 3584);
+        assert_eq!(ffn(48, 24, 1536), 4096);
     }
 
     #[test]

@@ -1,7 +1,11 @@
-//! The NAR transformer, top to bottom: embeddings, blocks (norm → attention → norm → FFN),
-//! heads. Each method emits the nodes of one piece under a readable scope.
+//! The NAR transformer, top to bottom: embeddings, positions (rotary or learned), blocks
+//! (norm → attention → norm → FFN), heads. Each method emits the nodes of one piece under a
+//! readable scope.
 
-use super::{rotary_table, NarSpec, ParamSource};
+use super::{
+    rotary_table, HeadSpec, ModelArgs, ModelConfig, NarSpec, ParamSource, PositionEncoding,
+    Transformer,
+};
 use crate::builder::{ConstData, DType, GraphBuilder, Value};
 use crate::GraphError;
 
@@ -10,21 +14,38 @@ pub type KeyValue = (Value, Value);
 
 /// What the block stack hands to the heads, plus each block's grown cache.
 pub struct StackOutputs {
-    /// Trunk output (after block `n_layer − 1`): input of the right head.
-    pub right_input: Value,
-    /// Extra block output (after block `n_layer`): input of the down head.
-    pub down_input: Value,
+    /// Each head's input (the hidden state after its `after_blocks`), in head order.
+    pub head_inputs: Vec<Value>,
     pub present: Vec<KeyValue>,
 }
 
 pub struct Model<'a> {
     spec: &'a NarSpec,
     params: &'a dyn ParamSource,
+    shape: Transformer,
 }
 
 impl<'a> Model<'a> {
     pub fn new(spec: &'a NarSpec, params: &'a dyn ParamSource) -> Self {
-        Model { spec, params }
+        Model {
+            spec,
+            params,
+            shape: spec.config.transformer(),
+        }
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.shape.vocab_size
+    }
+
+    /// The image model's arguments, which captions and the rotary table need.
+    pub fn image_args(&self) -> Result<&ModelArgs, GraphError> {
+        match &self.spec.config {
+            ModelConfig::Image(args) => Ok(args),
+            ModelConfig::Video(_) => Err(GraphError::Invalid(
+                "the video model has neither captions nor rotary embeddings".into(),
+            )),
+        }
     }
 
     fn dtype(&self) -> DType {
@@ -86,8 +107,8 @@ impl<'a> Model<'a> {
     ///              └──────────────────────────────────────────────Mul─Cast(dtype)─Mul(weight)
     /// ```
     fn rms_norm(&self, b: &mut GraphBuilder, x: Value, weight: &str) -> Result<Value, GraphError> {
-        let d = self.spec.args.dim;
-        let eps = self.spec.args.norm_eps as f32;
+        let d = self.shape.dim;
+        let eps = self.shape.norm_eps as f32;
         b.scoped(weight.trim_end_matches(".weight"), |b| {
             let x32 = b.cast(x, DType::F32)?;
             let square = b.mul(x32, x32)?;
@@ -109,8 +130,12 @@ impl<'a> Model<'a> {
         b: &mut GraphBuilder,
         labels: Value,
     ) -> Result<Value, GraphError> {
-        let rows = self.spec.args.class_rows();
-        let d = self.spec.args.dim;
+        let (_, rows) = self
+            .spec
+            .config
+            .classes()
+            .ok_or_else(|| GraphError::Invalid("this model is not class-conditional".into()))?;
+        let d = self.shape.dim;
         b.scoped("cls_embedding", |b| {
             let table = self.param(b, "cls_embedding.embedding_table.weight", &[rows, d])?;
             let e = b.gather(table, labels)?;
@@ -130,7 +155,7 @@ impl<'a> Model<'a> {
         features: Value,
         null: Value,
     ) -> Result<Value, GraphError> {
-        let args = &self.spec.args;
+        let args = self.image_args()?;
         let (c, cd, d) = (args.cls_token_num, args.caption_dim, args.dim);
         b.scoped("cls_embedding", |b| {
             let features = b.cast(features, self.dtype())?;
@@ -149,7 +174,7 @@ impl<'a> Model<'a> {
         b: &mut GraphBuilder,
         tokens: Value,
     ) -> Result<Value, GraphError> {
-        let (v, d) = (self.spec.args.vocab_size, self.spec.args.dim);
+        let (v, d) = (self.shape.vocab_size, self.shape.dim);
         b.scoped("tok_embeddings", |b| {
             let table = self.param(b, "tok_embeddings.weight", &[v, d])?;
             b.gather(table, tokens)
@@ -200,14 +225,34 @@ impl<'a> Model<'a> {
         attention_bias: Value,
         past: Option<&[KeyValue]>,
     ) -> Result<StackOutputs, GraphError> {
-        let rotary = b.scoped("rotary", |b| self.rotary(b, positions))?;
-        let n_layer = self.spec.args.n_layer;
-        let mut h = x;
+        let (mut h, rotary) = match self.spec.config.positions() {
+            PositionEncoding::Rotary2d => {
+                let rotary = b.scoped("rotary", |b| self.rotary(b, positions))?;
+                (x, Some(rotary))
+            }
+            PositionEncoding::Learned { rows } => {
+                let h = b.scoped("abs_pe", |b| {
+                    let table =
+                        b.weight("abs_pe", self.dtype(), &[rows, self.shape.dim], || {
+                            self.data("abs_pe", None)
+                        })?;
+                    let pe = b.gather(table, positions)?;
+                    b.add(x, pe)
+                })?;
+                (h, None)
+            }
+        };
+        let heads = self.spec.config.heads();
+        let mut head_inputs = vec![None; heads.len()];
         let mut present = Vec::new();
-        let mut right_input = None;
-        for i in 0..self.spec.args.blocks() {
-            if i == n_layer {
-                right_input = Some(h);
+        for i in 0..=self.spec.config.blocks() {
+            for (slot, head) in head_inputs.iter_mut().zip(&heads) {
+                if head.after_blocks == i {
+                    *slot = Some(h);
+                }
+            }
+            if i == self.spec.config.blocks() {
+                break;
             }
             let past_kv = past.map(|p| p[i]);
             let (out, kv) = b.scoped(&format!("layers.{i}"), |b| {
@@ -216,11 +261,17 @@ impl<'a> Model<'a> {
             h = out;
             present.push(kv);
         }
-        let right_input =
-            right_input.ok_or_else(|| GraphError::Invalid("no trunk blocks".into()))?;
+        let head_inputs = head_inputs
+            .into_iter()
+            .zip(&heads)
+            .map(|(input, head)| {
+                input.ok_or_else(|| {
+                    GraphError::Invalid(format!("head {} reads past the last block", head.name))
+                })
+            })
+            .collect::<Result<_, _>>()?;
         Ok(StackOutputs {
-            right_input,
-            down_input: h,
+            head_inputs,
             present,
         })
     }
@@ -228,7 +279,7 @@ impl<'a> Model<'a> {
     /// Cosines and sines for `positions`, shaped `(1, S, 1, d/2, 1)` to broadcast over
     /// `(B, S, heads, d/2, 2)`.
     fn rotary(&self, b: &mut GraphBuilder, positions: Value) -> Result<(Value, Value), GraphError> {
-        let (cos, sin, dims) = rotary_table(self.spec);
+        let (cos, sin, dims) = rotary_table(self.image_args()?, self.spec.grid[0]);
         let half = dims[1] as i64;
         let mut pick = |table: ConstData| -> Result<Value, GraphError> {
             let table = b.constant(table, &dims)?;
@@ -272,7 +323,7 @@ impl<'a> Model<'a> {
         b: &mut GraphBuilder,
         layer: usize,
         x: Value,
-        rotary: (Value, Value),
+        rotary: Option<(Value, Value)>,
         attention_bias: Value,
         past: Option<KeyValue>,
     ) -> Result<(Value, KeyValue), GraphError> {
@@ -287,7 +338,8 @@ impl<'a> Model<'a> {
         Ok((b.add(u, ffn)?, kv))
     }
 
-    /// Fused-QKV attention with the cache appended (module docs), grouped-query capable.
+    /// Fused-QKV attention with the cache appended (module docs), grouped-query capable;
+    /// Q and K are rotated only in the image model.
     ///
     /// ```text
     /// x ─wqkv─Split─┬─Q─Reshape─rotate─Transpose──────────────────────┐
@@ -299,12 +351,12 @@ impl<'a> Model<'a> {
         b: &mut GraphBuilder,
         layer: usize,
         x: Value,
-        rotary: (Value, Value),
+        rotary: Option<(Value, Value)>,
         attention_bias: Value,
         past: Option<KeyValue>,
     ) -> Result<(Value, KeyValue), GraphError> {
-        let args = &self.spec.args;
-        let (d, h, kv, hd) = (args.dim, args.n_head, args.kv_heads(), args.head_dim());
+        let t = &self.shape;
+        let (d, h, kv, hd) = (t.dim, t.n_head, t.kv_heads(), t.head_dim());
         let qkv_width = (h + 2 * kv) * hd;
         let qkv = self.linear(
             b,
@@ -321,8 +373,13 @@ impl<'a> Model<'a> {
         let q = b.reshape(parts[0], &[0, 0, h as i64, hd as i64])?;
         let k = b.reshape(parts[1], &[0, 0, kv as i64, hd as i64])?;
         let v = b.reshape(parts[2], &[0, 0, kv as i64, hd as i64])?;
-        let q = b.scoped("rotary_q", |b| self.rotate(b, q, rotary))?;
-        let k = b.scoped("rotary_k", |b| self.rotate(b, k, rotary))?;
+        let (q, k) = match rotary {
+            Some(rotary) => (
+                b.scoped("rotary_q", |b| self.rotate(b, q, rotary))?,
+                b.scoped("rotary_k", |b| self.rotate(b, k, rotary))?,
+            ),
+            None => (q, k),
+        };
         let q = b.transpose(q, &[0, 2, 1, 3])?;
         let k = b.transpose(k, &[0, 2, 1, 3])?;
         let v = b.transpose(v, &[0, 2, 1, 3])?;
@@ -356,12 +413,12 @@ impl<'a> Model<'a> {
     /// `(B, kv, T, d)` → `(B, heads, T, d)`, each kv head repeated for its query group
     /// (upstream's `repeat_interleave`).
     fn repeat_kv(&self, b: &mut GraphBuilder, x: Value) -> Result<Value, GraphError> {
-        let args = &self.spec.args;
-        let group = (args.n_head / args.kv_heads()) as i64;
+        let t = &self.shape;
+        let group = (t.n_head / t.kv_heads()) as i64;
         let x = b.unsqueeze(x, &[2])?;
         let shape = b.const_i64(&[1, 1, group, 1, 1])?;
         let x = b.node1("Expand", &[x, shape], &[], x.dtype())?;
-        b.reshape(x, &[0, args.n_head as i64, -1, args.head_dim() as i64])
+        b.reshape(x, &[0, t.n_head as i64, -1, t.head_dim() as i64])
     }
 
     /// SwiGLU: `w2(silu(w1 x) ⊙ w3 x)`.
@@ -371,7 +428,7 @@ impl<'a> Model<'a> {
         layer: usize,
         x: Value,
     ) -> Result<Value, GraphError> {
-        let (d, f) = (self.spec.args.dim, self.spec.args.ffn_hidden());
+        let (d, f) = (self.shape.dim, self.shape.ffn_hidden());
         let p = |s: &str| format!("layers.{layer}.feed_forward.{s}.weight");
         let gate = self.linear(b, x, &p("w1"), d, f)?;
         let sig = b.sigmoid(gate)?;
@@ -381,25 +438,20 @@ impl<'a> Model<'a> {
         self.linear(b, hidden, &p("w2"), f, d)
     }
 
-    /// Both heads, float32 logits: right from the trunk, down from the extra block.
-    pub fn heads(
+    /// One head's float32 logits: its RMSNorm, its bias-free projection, then the cast
+    /// (upstream computes the projection in the model dtype and upcasts the result).
+    pub fn head(
         &self,
         b: &mut GraphBuilder,
-        right_input: Value,
-        down_input: Value,
-    ) -> Result<(Value, Value), GraphError> {
-        let (d, v) = (self.spec.args.dim, self.spec.args.vocab_size);
-        let right = b.scoped("head_right", |b| {
-            let x = self.rms_norm(b, right_input, "norm.weight")?;
-            let logits = self.linear(b, x, "output.weight", d, v)?;
+        head: &HeadSpec,
+        input: Value,
+    ) -> Result<Value, GraphError> {
+        let (d, v) = (self.shape.dim, self.shape.vocab_size);
+        b.scoped(&format!("head_{}", head.name), |b| {
+            let x = self.rms_norm(b, input, head.norm)?;
+            let logits = self.linear(b, x, head.projection, d, v)?;
             b.cast(logits, DType::F32)
-        })?;
-        let down = b.scoped("head_down", |b| {
-            let x = self.rms_norm(b, down_input, "medusa_norm.weight")?;
-            let logits = self.linear(b, x, "medusa_output.weight", d, v)?;
-            b.cast(logits, DType::F32)
-        })?;
-        Ok((right, down))
+        })
     }
 }
 

@@ -1,4 +1,6 @@
-//! The NAR image model (c2i and t2i) as two ONNX graphs: `prefill` and `step`.
+//! The NAR models (image c2i and t2i, and video) as two ONNX graphs: `prefill` and `step`.
+//! The video model is the same transformer with a learned position table instead of rotary
+//! embeddings and a third head (NAR-SPEC §7), so both families share every builder here.
 //!
 //! # How the KV cache enters and leaves the graphs
 //!
@@ -14,7 +16,7 @@
 //! proximity mask. Attention does not care where a key sits, only whether it is visible, and
 //! NAR's mask has a property that makes the raster layout unnecessary: a query on wavefront
 //! `t` sees every condition token and every image token of wavefronts `0..=t` — which is
-//! exactly everything fed so far. So narx appends each call's keys and values, and the only
+//! exactly everything fed so far (the video model's plane mask is the same rule in 3-D). So narx appends each call's keys and values, and the only
 //! mask left is which *condition* keys are visible (t2i caption padding). That mask rides
 //! along with the cache as `present_key_bias` (0 or −∞ per cached key), so the runtime builds
 //! no masks and the graphs need no mask of full length as input.
@@ -32,10 +34,12 @@
 
 mod config;
 mod layers;
+mod video;
 
-pub use config::{ConditionKind, ModelArgs};
+pub use config::{ConditionKind, HeadSpec, ModelArgs, ModelConfig, PositionEncoding, Transformer};
+pub use video::VideoArgs;
 
-use crate::builder::{ConstData, DType, Dim, GraphBuilder, Value};
+use crate::builder::{ConstData, DType, Dim, GraphBuilder};
 use crate::onnx::ModelProto;
 use crate::weights::WeightStore;
 use crate::GraphError;
@@ -52,6 +56,7 @@ pub mod names {
     pub const PRESENT_KEY_BIAS: &str = "present_key_bias";
     pub const LOGITS_RIGHT: &str = "logits_right";
     pub const LOGITS_DOWN: &str = "logits_down";
+    pub const LOGITS_BACK: &str = "logits_back";
 
     pub fn past_key(layer: usize) -> String {
         format!("past.{layer}.key")
@@ -82,42 +87,84 @@ pub trait ParamSource {
     fn read_f32(&self, name: &str) -> Result<Vec<f32>, GraphError>;
 }
 
-/// What to build: the model, its grid side and the precision of weights and matmuls.
+/// What to build: the model, its latent grid and the precision of weights and matmuls.
 #[derive(Clone, Debug)]
 pub struct NarSpec {
-    pub args: ModelArgs,
-    pub grid: usize,
+    pub config: ModelConfig,
+    /// `[n, n]` for images, `[T, H, W]` for video.
+    pub grid: Vec<usize>,
     /// F32, or F16 (weights and matmuls; norms, softmax, rotary and logits stay float32).
     pub dtype: DType,
 }
 
 impl NarSpec {
-    pub fn new(args: ModelArgs, grid: usize, dtype: DType) -> Result<Self, GraphError> {
-        args.validate()?;
-        if grid == 0 {
-            return Err(GraphError::Config("grid must be at least 1".into()));
+    /// Checks that the grid suits the model: square for the image model (its rotary table
+    /// and upstream's mask are square), the trained `latent_shape` for video (positions in
+    /// the learned table mean a fixed `(T, H, W)`).
+    pub fn new(config: ModelConfig, grid: Vec<usize>, dtype: DType) -> Result<Self, GraphError> {
+        config.validate()?;
+        let bad = |m: String| Err(GraphError::Config(m));
+        match &config {
+            ModelConfig::Image(_) => {
+                if grid.len() != 2 || grid[0] != grid[1] || grid[0] == 0 {
+                    return bad(format!("image grid {grid:?} must be n × n with n ≥ 1"));
+                }
+            }
+            ModelConfig::Video(args) => {
+                if grid != args.latent_shape {
+                    return bad(format!(
+                        "video grid {grid:?} differs from the model's latent_shape {:?}",
+                        args.latent_shape
+                    ));
+                }
+            }
         }
         if !dtype.is_float() {
-            return Err(GraphError::Config(format!(
-                "{dtype:?} is not a model dtype"
-            )));
+            return bad(format!("{dtype:?} is not a model dtype"));
         }
-        Ok(NarSpec { args, grid, dtype })
+        Ok(NarSpec {
+            config,
+            grid,
+            dtype,
+        })
     }
 
     /// Condition positions `C`.
     pub fn condition_len(&self) -> usize {
-        self.args.cls_token_num
+        self.config.condition_len()
     }
 
-    /// Upstream's cache length `find_multiple(C + n², 8)`: the most positions a generation uses,
-    /// rounded as upstream allocates.
+    pub fn cells(&self) -> usize {
+        self.grid.iter().product()
+    }
+
+    /// Upstream's cache length rule `find_multiple(C + cells, 8)`: the most positions a
+    /// generation uses, rounded as upstream allocates.
     pub fn cache_capacity(&self) -> usize {
-        (self.condition_len() + self.grid * self.grid).div_ceil(8) * 8
+        (self.condition_len() + self.cells()).div_ceil(8) * 8
+    }
+
+    /// Cells of the widest wavefront: the most tokens one step feeds.
+    pub fn widest_wavefront(&self) -> usize {
+        let last: usize = self.grid.iter().map(|d| d - 1).sum();
+        (0..=last)
+            .map(|k| cells_on_wavefront(&self.grid, k))
+            .max()
+            .unwrap_or(1)
     }
 }
 
-/// The two graphs of a NAR image model.
+/// Cells whose coordinates sum to `k`.
+fn cells_on_wavefront(grid: &[usize], k: usize) -> usize {
+    match grid.split_first() {
+        None => usize::from(k == 0),
+        Some((&first, rest)) => (0..first.min(k + 1))
+            .map(|x| cells_on_wavefront(rest, k - x))
+            .sum(),
+    }
+}
+
+/// The two graphs of a NAR model.
 pub struct NarGraphs {
     pub prefill: ModelProto,
     pub step: ModelProto,
@@ -141,11 +188,8 @@ fn batch_dims(rest: &[Dim]) -> Vec<Dim> {
 }
 
 fn cache_dims(spec: &NarSpec, len: Dim) -> Vec<Dim> {
-    batch_dims(&[
-        Dim::Fixed(spec.args.kv_heads()),
-        len,
-        Dim::Fixed(spec.args.head_dim()),
-    ])
+    let t = spec.config.transformer();
+    batch_dims(&[Dim::Fixed(t.kv_heads()), len, Dim::Fixed(t.head_dim())])
 }
 
 /// Condition → cache of the condition positions and the logits for cell (0, 0).
@@ -159,7 +203,7 @@ fn build_prefill(
     let c = spec.condition_len();
     // The embeddings, which condition keys later queries may see (t2i only), and the
     // key bias that starts the cache.
-    let (embeddings, key_visible, key_bias) = match spec.args.condition() {
+    let (embeddings, key_visible, key_bias) = match spec.config.condition() {
         ConditionKind::Class => {
             let labels = b.input(names::CLASS_LABELS, DType::I64, &batch_dims(&[]));
             let e = m.class_embedding(&mut b, labels)?;
@@ -168,7 +212,7 @@ fn build_prefill(
             (e, None, key_bias)
         }
         ConditionKind::Caption => {
-            let cd = spec.args.caption_dim;
+            let cd = m.image_args()?.caption_dim;
             let features = b.input(
                 names::CAPTION_EMBEDDINGS,
                 DType::F32,
@@ -191,13 +235,13 @@ fn build_prefill(
     let positions: Vec<i64> = (0..c as i64).collect();
     let positions = b.const_i64(&positions)?;
     let outputs = m.forward(&mut b, embeddings, positions, attention_bias, None)?;
-    let last = |b: &mut GraphBuilder, v: Value| b.slice(v, 1, c as i64 - 1, c as i64);
-    let right = last(&mut b, outputs.right_input)?;
-    let down = last(&mut b, outputs.down_input)?;
-    let (right, down) = m.heads(&mut b, right, down)?;
-    let logit_dims = batch_dims(&[Dim::Fixed(1), Dim::Fixed(spec.args.vocab_size)]);
-    b.output(names::LOGITS_RIGHT, right, &logit_dims)?;
-    b.output(names::LOGITS_DOWN, down, &logit_dims)?;
+    let logit_dims = batch_dims(&[Dim::Fixed(1), Dim::Fixed(m.vocab_size())]);
+    // Only the last condition position predicts (the first cell); the rest only fill the cache.
+    for (head, input) in spec.config.heads().iter().zip(outputs.head_inputs) {
+        let last = b.slice(input, 1, c as i64 - 1, c as i64)?;
+        let logits = m.head(&mut b, head, last)?;
+        b.output(head.output, logits, &logit_dims)?;
+    }
     b.output(
         names::PRESENT_KEY_BIAS,
         key_bias,
@@ -236,7 +280,7 @@ fn build_step(
         &batch_dims(std::slice::from_ref(&past)),
     );
     let mut past_kv = Vec::new();
-    for i in 0..spec.args.blocks() {
+    for i in 0..spec.config.blocks() {
         let k = b.input(
             &names::past_key(i),
             spec.dtype,
@@ -263,10 +307,11 @@ fn build_step(
         attention_bias,
         Some(&past_kv),
     )?;
-    let (right, down) = m.heads(&mut b, outputs.right_input, outputs.down_input)?;
-    let logit_dims = batch_dims(&[width, Dim::Fixed(spec.args.vocab_size)]);
-    b.output(names::LOGITS_RIGHT, right, &logit_dims)?;
-    b.output(names::LOGITS_DOWN, down, &logit_dims)?;
+    let logit_dims = batch_dims(&[width, Dim::Fixed(m.vocab_size())]);
+    for (head, input) in spec.config.heads().iter().zip(outputs.head_inputs) {
+        let logits = m.head(&mut b, head, input)?;
+        b.output(head.output, logits, &logit_dims)?;
+    }
     let total = Dim::named(dims::TOTAL);
     b.output(
         names::PRESENT_KEY_BIAS,
@@ -286,16 +331,15 @@ fn build_step(
 
 /// The 2-D rotary table of NAR-SPEC §1.7, `(C + n², d/2)` cosines and sines, with zero rows
 /// for the condition positions. Computed in float32 the way upstream computes it.
-pub fn rotary_table(spec: &NarSpec) -> (ConstData, ConstData, Vec<usize>) {
-    let d = spec.args.head_dim();
+pub fn rotary_table(args: &ModelArgs, n: usize) -> (ConstData, ConstData, Vec<usize>) {
+    let d = args.transformer().head_dim();
     let half = d / 2;
     let quarter = d / 4;
-    let base = spec.args.rope_base as f32;
+    let base = args.rope_base as f32;
     let freqs: Vec<f32> = (0..quarter)
         .map(|k| 1.0 / base.powf((2 * k) as f32 / half as f32))
         .collect();
-    let n = spec.grid;
-    let c = spec.condition_len();
+    let c = args.cls_token_num;
     let rows = c + n * n;
     let mut cos = vec![0f32; rows * half];
     let mut sin = vec![0f32; rows * half];
@@ -314,4 +358,25 @@ pub fn rotary_table(spec: &NarSpec) -> (ConstData, ConstData, Vec<usize>) {
         }
     }
     (ConstData::F32(cos), ConstData::F32(sin), vec![rows, half])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wavefront_widths() {
+        assert_eq!(cells_on_wavefront(&[3, 3], 0), 1);
+        assert_eq!(cells_on_wavefront(&[3, 3], 2), 3);
+        assert_eq!(cells_on_wavefront(&[3, 3], 4), 1);
+        assert_eq!(cells_on_wavefront(&[3, 3], 5), 0);
+        let video = |grid: Vec<usize>| NarSpec {
+            config: ModelConfig::Video(VideoArgs::default()),
+            grid,
+            dtype: DType::F32,
+        };
+        // NAR-SPEC §7: the largest plane of (4, 16, 16) has 60 tokens.
+        assert_eq!(video(vec![4, 16, 16]).widest_wavefront(), 60);
+        assert_eq!(video(vec![3, 4, 4]).widest_wavefront(), 10);
+    }
 }
