@@ -64,6 +64,11 @@ impl GraphBuilder<'_> {
         self.unary("Tanh", x)
     }
 
+    /// The Gauss error function (for exact GELU; opset 17 has no `Gelu`).
+    pub fn erf(&mut self, x: Value) -> Result<Value, GraphError> {
+        self.unary("Erf", x)
+    }
+
     pub fn greater(&mut self, a: Value, b: Value) -> Result<Value, GraphError> {
         self.compare("Greater", a, b)
     }
@@ -145,6 +150,22 @@ impl GraphBuilder<'_> {
         let ends = self.const_i64(&[end])?;
         let axes = self.const_i64(&[axis])?;
         self.node1("Slice", &[x, starts, ends, axes], &[], x.dtype())
+    }
+
+    /// The run-time shape of `x`, int64 `(rank,)`.
+    pub fn shape(&mut self, x: Value) -> Result<Value, GraphError> {
+        self.node1("Shape", &[x], &[], DType::I64)
+    }
+
+    /// Broadcasts `x` to the int64 `shape` (numpy rules; a dim of 1 in `shape` keeps `x`'s).
+    pub fn expand(&mut self, x: Value, shape: Value) -> Result<Value, GraphError> {
+        if shape.dtype() != DType::I64 {
+            return Err(GraphError::Invalid(format!(
+                "Expand: shape {} is not int64",
+                self.name_of(shape)
+            )));
+        }
+        self.node1("Expand", &[x, shape], &[], x.dtype())
     }
 
     pub fn unsqueeze(&mut self, x: Value, axes: &[i64]) -> Result<Value, GraphError> {

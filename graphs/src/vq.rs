@@ -364,21 +364,14 @@ impl Decoder<'_> {
         })
     }
 
-    /// The codebook as the graph stores it: rows divided by `max(‖row‖₂, 1e-12)` when the
-    /// config normalises (upstream `F.normalize` at every lookup; folded in here once, in
-    /// float32 like upstream), else the raw rows.
+    /// The codebook as the graph stores it: rows L2-normalised when the config normalises
+    /// ([`l2_normalize_rows`]), else the raw rows.
     fn codebook(&self) -> Result<ConstData, GraphError> {
         let (rows, width) = (self.config.codebook_size, self.config.codebook_embed_dim);
         let name = "quantize.embedding.weight";
         let mut table = self.read(name, rows * width)?;
         if self.config.codebook_l2_norm {
-            for row in table.chunks_exact_mut(width) {
-                let norm = row.iter().map(|x| x * x).sum::<f32>().sqrt();
-                let denominator = norm.max(L2_NORM_EPS);
-                for x in row {
-                    *x /= denominator;
-                }
-            }
+            l2_normalize_rows(&mut table, width);
         }
         Ok(ConstData::F32(table))
     }
@@ -595,6 +588,22 @@ fn upsample(b: &mut GraphBuilder, x: Value) -> Result<Value, GraphError> {
     let block = b.const_i64(&[1, 1, 1, 2, 1, 2])?;
     let blocks = b.node1("Expand", &[blocks, block], &[], x.dtype())?;
     b.node1("Reshape", &[blocks, out_shape], &[], x.dtype())
+}
+
+/// Divides each `width`-wide row of `table` by `max(‖row‖₂, 1e-12)`, as `F.normalize(p=2,
+/// dim=-1)` does at every codebook lookup upstream. Tokenizers fold it into the stored table
+/// once, in float32 like upstream, so the graph needs a plain Gather.
+pub(crate) fn l2_normalize_rows(table: &mut [f32], width: usize) {
+    if width == 0 {
+        return;
+    }
+    for row in table.chunks_exact_mut(width) {
+        let norm = row.iter().map(|x| x * x).sum::<f32>().sqrt();
+        let denominator = norm.max(L2_NORM_EPS);
+        for x in row {
+            *x /= denominator;
+        }
+    }
 }
 
 /// `x · sigmoid(x)` (upstream `nonlinearity`).
