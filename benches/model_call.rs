@@ -77,6 +77,7 @@ fn export_model(dir: &Path) -> Manifest {
             source: &vq_weights,
             config: vq,
         }),
+        larp: None,
     })
     .expect("exporting the bench model")
 }
@@ -87,8 +88,8 @@ fn graph_files(dir: &Path, manifest: &Manifest) -> Vec<(GraphKind, PathBuf)> {
         (GraphKind::Prefill, dir.join(&manifest.graphs.prefill.file)),
         (GraphKind::Step, dir.join(&manifest.graphs.step.file)),
     ];
-    if let Some(decoder) = &manifest.vq_decoder {
-        files.push((GraphKind::Decoder, dir.join(&decoder.graph.file)));
+    if let Some(decoder) = manifest.decoder_graph() {
+        files.push((GraphKind::Decoder, dir.join(&decoder.file)));
     }
     files
 }
@@ -248,12 +249,17 @@ fn bench_steps<E: KeepCache>(
 }
 
 /// Decodes one 16×16 token grid into a 256×256 picture (upload, decoder graph, pixels).
-fn bench_decode<E: Engine>(group: &mut BenchmarkGroup<WallTime>, engine: &mut E, codebook: usize) {
+fn bench_decode<E: Engine>(
+    group: &mut BenchmarkGroup<WallTime>,
+    engine: &mut E,
+    manifest: &Manifest,
+) {
+    let codebook = manifest.vocab_size;
     let tokens = vec![(0..GRID * GRID)
         .map(|i| (i * 613 % codebook) as u32)
         .collect()];
     group.bench_function(engine.name(), |b| {
-        b.iter(|| decode(engine, black_box(&tokens), &[GRID, GRID], codebook).unwrap())
+        b.iter(|| decode(engine, manifest, black_box(&tokens), &[GRID, GRID]).unwrap())
     });
 }
 
@@ -264,7 +270,6 @@ fn benches(c: &mut Criterion) {
     let files = graph_files(&dir, &manifest);
     let paths: Vec<(GraphKind, &Path)> = files.iter().map(|(k, p)| (*k, p.as_path())).collect();
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let codebook = manifest.vocab_size;
 
     let mut tract = TractEngine::load(&paths, Some(threads)).expect("tract loads the model");
     let mut ort = find_library(None)
@@ -297,9 +302,9 @@ fn benches(c: &mut Criterion) {
         .sampling_mode(SamplingMode::Flat)
         .sample_size(10)
         .throughput(Throughput::Elements((GRID * GRID) as u64));
-    bench_decode(&mut group, &mut tract, codebook);
+    bench_decode(&mut group, &mut tract, &manifest);
     if let Some(ort) = &mut ort {
-        bench_decode(&mut group, ort, codebook);
+        bench_decode(&mut group, ort, &manifest);
     }
     group.finish();
 }

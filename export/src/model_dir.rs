@@ -6,9 +6,10 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use narx_graphs::larp::{self, LarpConfig};
 use narx_graphs::manifest::{
-    Condition, DecoderFile, Family, GraphFile, Graphs, Head, KvCache, Manifest, SamplingDefaults,
-    WeightsFile, FORMAT_VERSION,
+    Condition, DecoderFile, Family, GraphFile, Graphs, Head, KvCache, LarpDecoderFile, Manifest,
+    SamplingDefaults, WeightsFile, FORMAT_VERSION,
 };
 use narx_graphs::nar::{self, names, ConditionKind, ModelConfig, NarSpec, ParamSource};
 use narx_graphs::vq::{self, VqConfig};
@@ -23,6 +24,7 @@ pub const PREFILL_FILE: &str = "prefill.onnx";
 pub const STEP_FILE: &str = "step.onnx";
 pub const WEIGHTS_FILE: &str = "weights.bin";
 pub const DECODER_FILE: &str = "vq_decoder.onnx";
+pub const LARP_DECODER_FILE: &str = "larp_decoder.onnx";
 
 /// Most prompts per batch the TensorRT profiles are built for (twice that many rows with
 /// guidance).
@@ -41,6 +43,15 @@ pub struct ExportRequest<'a> {
     pub force: bool,
     /// The image tokenizer whose decoder turns tokens into pictures, if wanted.
     pub vq: Option<VqRequest<'a>>,
+    /// The video tokenizer whose decoder turns tokens into clips, if wanted.
+    pub larp: Option<LarpRequest<'a>>,
+}
+
+/// A LARP tokenizer checkpoint (its encoder and prior model are ignored) and its
+/// constructor arguments.
+pub struct LarpRequest<'a> {
+    pub source: &'a dyn TensorSource,
+    pub config: LarpConfig,
 }
 
 /// A VQ tokenizer checkpoint (its encoder is ignored) and its configuration.
@@ -127,22 +138,51 @@ pub fn export(request: &ExportRequest) -> Result<Manifest, ExportError> {
         }
         check_parameters(vq.source, &vq.config.parameters())?;
     }
+    if let Some(larp) = &request.larp {
+        larp.config.validate()?;
+        if !matches!(spec.config, ModelConfig::Video(_)) {
+            return Err(ExportError::Usage(
+                "the LARP decoder makes video clips; an image model needs a VQ decoder".into(),
+            ));
+        }
+        if larp.config.latent_tokens() != spec.cells() {
+            return Err(ExportError::Usage(format!(
+                "the LARP config has {} latent tokens (bottleneck_token_num) but the model's \
+                 grid {:?} has {}: they must be the same tokenizer",
+                larp.config.latent_tokens(),
+                spec.grid,
+                spec.cells()
+            )));
+        }
+        if larp.config.codebook_size() != vocab_size {
+            return Err(ExportError::Usage(format!(
+                "the LARP codebook has {} entries but the model's vocabulary is {vocab_size}: \
+                 they must be the same tokenizer",
+                larp.config.codebook_size()
+            )));
+        }
+        check_parameters(larp.source, &larp.config.parameters())?;
+    }
     let staging = Staging::new(&request.output, request.force)?;
-    let manifest = write_model(&spec, request.source, request.vq.as_ref(), staging.path())?;
+    let manifest = write_model(&spec, request, staging.path())?;
     staging.commit()?;
     Ok(manifest)
 }
 
 fn write_model(
     spec: &NarSpec,
-    source: &dyn TensorSource,
-    vq: Option<&VqRequest>,
+    request: &ExportRequest,
     dir: &Path,
 ) -> Result<Manifest, ExportError> {
     let mut store = WeightStore::external(dir, WEIGHTS_FILE)?;
-    let graphs = nar::build(spec, &Params(source), &mut store)?;
+    let graphs = nar::build(spec, &Params(request.source), &mut store)?;
+    let vq = request.vq.as_ref();
     let decoder = vq
         .map(|vq| vq::build_decoder(&vq.config, &Params(vq.source), &mut store))
+        .transpose()?;
+    let larp = request.larp.as_ref();
+    let larp_decoder = larp
+        .map(|larp| larp::build_decoder(&larp.config, &Params(larp.source), &mut store))
         .transpose()?;
     let weight_bytes = store.finish()?;
     let prefill = write_graph(dir, PREFILL_FILE, &graphs.prefill)?;
@@ -153,6 +193,12 @@ fn write_model(
             graph: write_graph(dir, DECODER_FILE, &decoder)?,
             config: vq.config.clone(),
             patch: vq.config.upsample_factor(),
+        });
+    }
+    if let (Some(larp), Some(decoder)) = (larp, larp_decoder) {
+        manifest.larp_decoder = Some(LarpDecoderFile {
+            graph: write_graph(dir, LARP_DECODER_FILE, &decoder)?,
+            config: larp.config.clone(),
         });
     }
     manifest.save(dir)?;
@@ -285,6 +331,7 @@ fn manifest(
         sampling,
         tensorrt_profiles,
         vq_decoder: None,
+        larp_decoder: None,
     })
 }
 

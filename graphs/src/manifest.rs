@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::builder::{describe_io, DType, Dim};
+use crate::larp::LarpConfig;
 use crate::nar::ModelConfig;
 use crate::onnx::ModelProto;
 use crate::vq::VqConfig;
@@ -65,6 +66,18 @@ pub struct Manifest {
     /// The image tokenizer's decoder, when the export was given one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vq_decoder: Option<DecoderFile>,
+    /// The video tokenizer's decoder, when the export was given one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub larp_decoder: Option<LarpDecoderFile>,
+}
+
+/// The LARP decoder graph: `codes (batch, T·H·W)` → `video (batch, 3, frames, height,
+/// width)`, nominally in [0, 1].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LarpDecoderFile {
+    pub graph: GraphFile,
+    pub config: LarpConfig,
 }
 
 /// The VQ decoder graph: `codes (batch, rows, cols)` → `image (batch, 3, patch·rows,
@@ -321,7 +334,10 @@ impl Manifest {
                 ));
             }
         }
-        let decoder = self.vq_decoder.as_ref().map(|d| &d.graph.file);
+        if self.vq_decoder.is_some() && self.larp_decoder.is_some() {
+            return Err("it names both a VQ and a LARP decoder".into());
+        }
+        let decoder = self.decoder_graph().map(|graph| &graph.file);
         for file in [
             &self.graphs.prefill.file,
             &self.graphs.step.file,
@@ -347,6 +363,12 @@ impl Manifest {
             ));
         }
         Ok(())
+    }
+
+    /// The decoder graph (VQ for images, LARP for video), if the export was given one.
+    pub fn decoder_graph(&self) -> Option<&GraphFile> {
+        let vq = self.vq_decoder.as_ref().map(|d| &d.graph);
+        vq.or(self.larp_decoder.as_ref().map(|d| &d.graph))
     }
 
     /// The graph input description named `name`, if the graph has it.

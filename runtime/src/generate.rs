@@ -11,6 +11,7 @@ use narx_graphs::manifest::{Condition, KvCache, Manifest};
 use narx_graphs::nar::names;
 
 use crate::backend::{Engine, GraphKind, HostTensor};
+use crate::decode::Decoded;
 use crate::guidance::CfgSchedule;
 use crate::sampling::{sample_block, ImageRng, SamplingParams};
 use crate::scheduler::{Call, WavefrontPlan};
@@ -109,16 +110,10 @@ impl<E: Engine> Generator<E> {
         self.engine.name()
     }
 
-    /// Decodes token grids (raster order) into pictures with the VQ decoder.
-    pub fn decode(
-        &mut self,
-        tokens: &[Vec<u32>],
-        grid: &[usize],
-    ) -> Result<Vec<image::RgbImage>, RuntimeError> {
-        let decoder = self.manifest.vq_decoder.as_ref().ok_or_else(|| {
-            RuntimeError::BadInput("this model directory has no VQ decoder".into())
-        })?;
-        crate::decode::decode(&mut self.engine, tokens, grid, decoder.config.codebook_size)
+    /// Decodes token grids (raster order) into pictures or clips with the directory's
+    /// decoder.
+    pub fn decode(&mut self, tokens: &[Vec<u32>], grid: &[usize]) -> Result<Decoded, RuntimeError> {
+        crate::decode::decode(&mut self.engine, &self.manifest, tokens, grid)
     }
 
     /// Generates one token grid per prompt; `report` sees every call.

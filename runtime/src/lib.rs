@@ -1,5 +1,5 @@
 //! Running exported NAR models: backends, the wavefront scheduler, guidance and sampling, and
-//! the generation loop that ties them together.
+//! the generation loop that ties them together, and what turns tokens into pictures and clips.
 
 pub mod backend;
 pub mod decode;
@@ -10,6 +10,7 @@ pub mod load;
 pub mod picture;
 pub mod sampling;
 pub mod scheduler;
+pub mod video;
 
 /// Errors while loading or running a model.
 #[derive(Debug, thiserror::Error)]

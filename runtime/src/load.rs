@@ -7,6 +7,7 @@ use narx_graphs::manifest::Manifest;
 use crate::backend::ort::{find_library, OrtEngine, OrtOptions};
 use crate::backend::tract::TractEngine;
 use crate::backend::GraphKind;
+use crate::decode::Decoded;
 use crate::generate::{CallReport, GenerateOptions, Generation, Generator, Prompts};
 use crate::RuntimeError;
 
@@ -53,7 +54,7 @@ impl AnyGenerator {
         purpose: Purpose,
     ) -> Result<(Self, Option<String>), RuntimeError> {
         let manifest = Manifest::load(dir)?;
-        let decoder = manifest.vq_decoder.as_ref().map(|d| &d.graph.file);
+        let decoder = manifest.decoder_graph().map(|graph| &graph.file);
         let files: Vec<(GraphKind, std::path::PathBuf)> = match purpose {
             Purpose::Generate => [
                 (GraphKind::Prefill, Some(&manifest.graphs.prefill.file)),
@@ -66,7 +67,7 @@ impl AnyGenerator {
             Purpose::Decode => {
                 let file = decoder.ok_or_else(|| {
                     RuntimeError::BadInput(format!(
-                        "{} has no VQ decoder (export with --vq-checkpoint)",
+                        "{} has no decoder (export with --vq-checkpoint or --larp-checkpoint)",
                         dir.display()
                     ))
                 })?;
@@ -114,12 +115,8 @@ impl AnyGenerator {
         }
     }
 
-    /// Decodes token grids into pictures with the model's VQ decoder.
-    pub fn decode(
-        &mut self,
-        tokens: &[Vec<u32>],
-        grid: &[usize],
-    ) -> Result<Vec<image::RgbImage>, RuntimeError> {
+    /// Decodes token grids into pictures or clips with the model's decoder.
+    pub fn decode(&mut self, tokens: &[Vec<u32>], grid: &[usize]) -> Result<Decoded, RuntimeError> {
         match self {
             AnyGenerator::Tract(g) => g.decode(tokens, grid),
             AnyGenerator::Ort(g) => g.decode(tokens, grid),

@@ -169,7 +169,7 @@ pub fn write_png(path: &Path, image: &RgbImage) -> Result<(), RuntimeError> {
 }
 
 /// Writes an endlessly looping GIF: each frame shown `frame_delay_ms`, the last one
-/// [`LAST_FRAME_HOLD`] times as long.
+/// `last_frame_hold` times as long (the trace uses [`LAST_FRAME_HOLD`], clips 1).
 ///
 /// GIF stores delays in hundredths of a second, so the delay is truncated to a multiple of
 /// 10 ms. Each frame gets its own 256-colour palette. The file is encoded in memory, then
@@ -180,6 +180,7 @@ pub fn write_gif(
     path: &Path,
     frames: &[RgbImage],
     frame_delay_ms: u32,
+    last_frame_hold: u32,
 ) -> Result<(), RuntimeError> {
     if frames.is_empty() {
         return Err(RuntimeError::BadInput(format!(
@@ -197,7 +198,7 @@ pub fn write_gif(
         let last = frames.len() - 1;
         for (i, frame) in frames.iter().enumerate() {
             let ms = if i == last {
-                frame_delay_ms.saturating_mul(LAST_FRAME_HOLD)
+                frame_delay_ms.saturating_mul(last_frame_hold)
             } else {
                 frame_delay_ms
             };
@@ -693,7 +694,7 @@ mod tests {
         let path = dir.path().join("trace.gif");
         let plan = WavefrontPlan::new(&[3, 3], &IMAGE_HEADS).unwrap();
         let frames = trace_frames(&colourful(6, 6), &plan, 2).unwrap();
-        write_gif(&path, &frames, 100).unwrap();
+        write_gif(&path, &frames, 100, LAST_FRAME_HOLD).unwrap();
         assert_eq!(leftovers(dir.path()), ["trace.gif"]);
 
         let bytes = std::fs::read(&path).unwrap();
@@ -728,12 +729,13 @@ mod tests {
             &missing.with_extension("gif"),
             &[solid(2, 2, [0, 0, 0])],
             50,
+            1,
         )
         .unwrap_err();
         assert!(matches!(err, RuntimeError::BadInput(_)), "{err}");
         assert!(err.to_string().contains("out.gif"), "{err}");
         assert!(matches!(
-            write_gif(&dir.path().join("empty.gif"), &[], 50),
+            write_gif(&dir.path().join("empty.gif"), &[], 50, 1),
             Err(RuntimeError::BadInput(_))
         ));
         assert!(matches!(
@@ -759,7 +761,7 @@ mod tests {
 
         // Encoding fails (GIF sizes are 16-bit): nothing is created at all.
         let path = dir.path().join("wide.gif");
-        let err = write_gif(&path, &[solid(70_000, 1, [0, 0, 0])], 50).unwrap_err();
+        let err = write_gif(&path, &[solid(70_000, 1, [0, 0, 0])], 50, 1).unwrap_err();
         assert!(matches!(err, RuntimeError::BadInput(_)), "{err}");
         assert_eq!(leftovers(dir.path()), ["taken.png"]);
     }

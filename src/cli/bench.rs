@@ -117,6 +117,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 output: dir.clone(),
                 force: false,
                 vq: None,
+                larp: None,
             })?;
             dir
         }

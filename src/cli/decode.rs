@@ -1,24 +1,26 @@
-//! `narx decode`: tokens (as `narx run --tokens-out` writes them) → pictures, without
-//! generating.
+//! `narx decode`: tokens (as `narx run --tokens-out` writes them) → pictures or clips,
+//! without generating.
 
 use std::path::PathBuf;
 
 use clap::Args;
 
-use super::run::{require_decoder, BackendArgs, PictureArgs};
+use super::output::OutputArgs;
+use super::run::BackendArgs;
 use super::BadInput;
 use narx_graphs::manifest::Manifest;
 use narx_runtime::load::Purpose;
 
 #[derive(Args)]
 pub struct DecodeArgs {
-    /// Model directory exported with --vq-checkpoint.
+    /// Model directory exported with --vq-checkpoint or --larp-checkpoint.
     model: PathBuf,
-    /// JSON file {"tokens": [[...], ...], "grid": [rows, cols]} (grid optional: the model's).
+    /// JSON file {"tokens": [[...], ...], "grid": [rows, cols] or [T, H, W]} (grid optional:
+    /// the model's).
     #[arg(long)]
     tokens: PathBuf,
     #[command(flatten)]
-    pictures: PictureArgs,
+    outputs: OutputArgs,
     #[command(flatten)]
     backend: BackendArgs,
 }
@@ -39,25 +41,27 @@ fn read_tokens(
     })?;
     let grid = match value.get("grid") {
         Some(grid) => serde_json::from_value(grid.clone())
-            .map_err(|e| bad(format!("\"grid\" must be [rows, cols] ({e})")))?,
+            .map_err(|e| bad(format!("\"grid\" must be a list of extents ({e})")))?,
         None => default_grid.to_vec(),
     };
     Ok((tokens, grid))
 }
 
 pub fn run(args: DecodeArgs) -> anyhow::Result<()> {
-    if !args.pictures.wanted() {
+    if !args.outputs.wanted() {
         return Err(BadInput(
-            "say where the pictures go: -o out.png and/or --grid-image F.png".into(),
+            "say where the output goes: -o out.png (pictures) or -o clip.gif (video), \
+             --grid-image, or --frames-dir"
+                .into(),
         )
         .into());
     }
     let manifest = Manifest::load(&args.model)?;
-    require_decoder(&manifest)?;
+    args.outputs.check(&manifest)?;
     let (tokens, grid) = read_tokens(&args.tokens, &manifest.grid)?;
     let mut generator = args.backend.open(&args.model, Purpose::Decode)?;
-    let images = generator.decode(&tokens, &grid)?;
-    for path in args.pictures.write(&images)? {
+    let decoded = generator.decode(&tokens, &grid)?;
+    for path in args.outputs.write(&decoded)? {
         eprintln!("narx: wrote {}", path.display());
     }
     Ok(())

@@ -11,6 +11,7 @@ use narx_export::random::random_weights;
 use narx_graphs::nar::{ModelArgs, ModelConfig};
 use narx_graphs::vq::VqConfig;
 use narx_graphs::DType;
+use narx_runtime::decode::Decoded;
 use narx_runtime::generate::Prompts;
 use narx_runtime::load::Purpose;
 use narx_runtime::picture::write_png;
@@ -86,6 +87,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             source: &tokenizer_weights,
             config: tokenizer,
         }),
+        larp: None,
     })?;
     println!(
         "exported {} parameters to {} in {:.1} s",
@@ -109,7 +111,9 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         generation.calls,
         generator.engine_name()
     );
-    let images = generator.decode(&generation.tokens, &generation.grid)?;
+    let Decoded::Pictures(images) = generator.decode(&generation.tokens, &generation.grid)? else {
+        anyhow::bail!("the demo model's decoder made no pictures");
+    };
     write_png(&args.picture, &images[0])?;
     write_trace(&args.trace, &images[0], &manifest)?;
     println!(

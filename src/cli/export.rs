@@ -1,14 +1,15 @@
 //! `narx export`: checkpoint → model directory.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
 
 use narx_export::checkpoint::open_checkpoint;
-use narx_export::model_dir::{export, ExportRequest, VqRequest};
+use narx_export::model_dir::{export, ExportRequest, LarpRequest, VqRequest};
 use narx_export::presets::{preset, preset_names};
+use narx_graphs::larp::LarpConfig;
 use narx_graphs::nar::ModelConfig;
 use narx_graphs::vq::VqConfig;
 use narx_graphs::DType;
@@ -46,6 +47,14 @@ pub struct ExportArgs {
     /// decoder_ch_mult, ch), instead of a preset.
     #[arg(long, requires = "vq_checkpoint")]
     vq_config: Option<PathBuf>,
+    /// The video tokenizer (LARP) checkpoint, so `narx run -o clip.gif` can write clips; its
+    /// encoder and prior model are ignored.
+    #[arg(long, requires = "larp_config", conflicts_with = "vq_checkpoint")]
+    larp_checkpoint: Option<PathBuf>,
+    /// JSON object with the LARP tokenizer's constructor arguments (as its training config's
+    /// `model.args`).
+    #[arg(long, requires = "larp_checkpoint")]
+    larp_config: Option<PathBuf>,
     /// Replace the output directory if it is a model directory already.
     #[arg(long)]
     force: bool,
@@ -87,19 +96,21 @@ pub fn model_config(
         });
     }
     let path = config.ok_or_else(|| BadInput("pass --preset NAME or --config FILE".into()))?;
+    read_config("config", path)
+}
+
+/// Reads a JSON config file; `what` names it in errors.
+fn read_config<T: serde::de::DeserializeOwned>(what: &str, path: &Path) -> anyhow::Result<T> {
     let text = std::fs::read_to_string(path)
-        .map_err(|e| BadInput(format!("cannot read config {}: {e}", path.display())))?;
+        .map_err(|e| BadInput(format!("cannot read {what} {}: {e}", path.display())))?;
     serde_json::from_str(&text)
-        .map_err(|e| BadInput(format!("config {}: {e}", path.display())).into())
+        .map_err(|e| BadInput(format!("{what} {}: {e}", path.display())).into())
 }
 
 /// `--vq-preset` or `--vq-config` → the tokenizer's configuration (VQ-16 when neither).
 fn vq_config(preset: Option<&str>, config: Option<&PathBuf>) -> anyhow::Result<VqConfig> {
     if let Some(path) = config {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| BadInput(format!("cannot read VQ config {}: {e}", path.display())))?;
-        return serde_json::from_str(&text)
-            .map_err(|e| BadInput(format!("VQ config {}: {e}", path.display())).into());
+        return read_config("VQ config", path);
     }
     match preset.unwrap_or("vq-16") {
         "vq-16" => Ok(VqConfig::vq16()),
@@ -110,6 +121,11 @@ fn vq_config(preset: Option<&str>, config: Option<&PathBuf>) -> anyhow::Result<V
 pub fn run(args: ExportArgs) -> anyhow::Result<()> {
     let model = model_config(args.preset.as_deref(), args.config.as_ref())?;
     let vq_config = vq_config(args.vq_preset.as_deref(), args.vq_config.as_ref())?;
+    let larp_config: Option<LarpConfig> = args
+        .larp_config
+        .as_deref()
+        .map(|path| read_config("LARP config", path))
+        .transpose()?;
     if args.grid == Some(0) {
         return Err(BadInput("--grid must be at least 1".into()).into());
     }
@@ -117,6 +133,11 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
     let source = open_checkpoint(&args.checkpoint)?;
     let vq_source = args
         .vq_checkpoint
+        .as_deref()
+        .map(open_checkpoint)
+        .transpose()?;
+    let larp_source = args
+        .larp_checkpoint
         .as_deref()
         .map(open_checkpoint)
         .transpose()?;
@@ -131,6 +152,13 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
             source: source.as_ref(),
             config: vq_config,
         }),
+        larp: larp_source
+            .as_ref()
+            .zip(larp_config)
+            .map(|(source, config)| LarpRequest {
+                source: source.as_ref(),
+                config,
+            }),
     })
     .with_context(|| format!("exporting {}", args.checkpoint.display()))?;
     if args.json {

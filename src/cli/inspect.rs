@@ -103,5 +103,29 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
     );
     graph("prefill", &m.graphs.prefill);
     graph("step", &m.graphs.step);
+    if let Some(vq) = &m.vq_decoder {
+        let side = |n: usize| n * vq.patch;
+        println!(
+            "  VQ decoder: codebook {}, {}×{} tokens → {}×{} pixels",
+            vq.config.codebook_size,
+            m.grid[0],
+            m.grid[m.grid.len() - 1],
+            side(m.grid[0]),
+            side(m.grid[m.grid.len() - 1])
+        );
+        graph("decoder", &vq.graph);
+    }
+    if let Some(larp) = &m.larp_decoder {
+        let (channels, frames, height, width) = larp.config.video_shape();
+        println!(
+            "  LARP video decoder: codebook {}, {} tokens → {frames} frames of {width}×{height} \
+             ({channels} channels), {} ViT blocks of width {}",
+            larp.config.codebook_size(),
+            larp.config.latent_tokens(),
+            larp.config.decoder_depth,
+            larp.config.decoder_hidden_size
+        );
+        graph("decoder", &larp.graph);
+    }
     Ok(())
 }

@@ -5,6 +5,7 @@ mod decode;
 mod demo;
 mod export;
 mod inspect;
+mod output;
 mod run;
 
 use clap::{Parser, Subcommand};
@@ -33,7 +34,7 @@ enum Command {
     Run(run::RunArgs),
     /// Measure generation speed: seconds per image, GFLOP/s, memory.
     Bench(bench::BenchArgs),
-    /// Decode tokens (from `narx run --tokens-out`) into pictures.
+    /// Decode tokens (from `narx run --tokens-out`) into pictures or video clips.
     Decode(decode::DecodeArgs),
     /// Show what a model directory holds.
     Inspect(inspect::InspectArgs),

@@ -13,74 +13,11 @@ use narx_runtime::generate::{GenerateOptions, Generation, Prompts};
 use narx_runtime::load::{AnyGenerator, LoadOptions, Provider, Purpose};
 use narx_runtime::sampling::SamplingParams;
 
+use super::output::{require_decoder, OutputArgs};
 use super::{write_atomically, BadInput};
-use narx_runtime::picture::{contact_sheet, trace_frames, write_gif, write_png, SHEET_COLUMNS};
+use narx_runtime::decode::Decoded;
+use narx_runtime::picture::{trace_frames, write_gif, LAST_FRAME_HOLD};
 use narx_runtime::scheduler::WavefrontPlan;
-
-/// Where decoded pictures go.
-#[derive(Args)]
-pub struct PictureArgs {
-    /// Write the images as PNG: `out.png` for one image, `out-0.png`, `out-1.png`, … for
-    /// several (needs a model exported with --vq-checkpoint).
-    #[arg(short, long)]
-    output: Option<PathBuf>,
-    /// One PNG with all images of the batch side by side.
-    #[arg(long)]
-    grid_image: Option<PathBuf>,
-}
-
-impl PictureArgs {
-    pub fn wanted(&self) -> bool {
-        self.output.is_some() || self.grid_image.is_some()
-    }
-
-    /// Writes the pictures; returns the files written.
-    pub fn write(&self, images: &[image::RgbImage]) -> anyhow::Result<Vec<PathBuf>> {
-        let mut written = Vec::new();
-        if let Some(out) = &self.output {
-            for (i, picture) in images.iter().enumerate() {
-                let path = if images.len() == 1 {
-                    out.clone()
-                } else {
-                    numbered(out, i)
-                };
-                write_png(&path, picture)?;
-                written.push(path);
-            }
-        }
-        if let Some(path) = &self.grid_image {
-            write_png(path, &contact_sheet(images, SHEET_COLUMNS)?)?;
-            written.push(path.clone());
-        }
-        Ok(written)
-    }
-}
-
-/// `out.png` → `out-3.png`.
-fn numbered(path: &Path, index: usize) -> PathBuf {
-    let stem = path
-        .file_stem()
-        .map(|s| s.to_string_lossy().to_string())
-        .unwrap_or_default();
-    let name = match path.extension() {
-        Some(ext) => format!("{stem}-{index}.{}", ext.to_string_lossy()),
-        None => format!("{stem}-{index}"),
-    };
-    path.with_file_name(name)
-}
-
-/// Refuses picture flags for a model without a decoder before any work is done.
-pub fn require_decoder(manifest: &Manifest) -> anyhow::Result<()> {
-    if manifest.vq_decoder.is_none() {
-        return Err(BadInput(
-            "this model directory has no VQ decoder, so it cannot write pictures; export it \
-             with --vq-checkpoint (or use --tokens-out and `narx decode` later)"
-                .into(),
-        )
-        .into());
-    }
-    Ok(())
-}
 
 #[derive(Args)]
 pub struct RunArgs {
@@ -101,9 +38,9 @@ pub struct RunArgs {
     #[arg(long)]
     tokens_out: Option<PathBuf>,
     #[command(flatten)]
-    pictures: PictureArgs,
+    outputs: OutputArgs,
     /// An animated GIF of the generation order of the first image: one frame per model call,
-    /// cells not generated yet greyed out.
+    /// cells not generated yet greyed out (image models).
     #[arg(long)]
     trace: Option<PathBuf>,
     /// Print results as JSON on stdout.
@@ -295,8 +232,12 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let manifest = generator.manifest().clone();
     let prompts = prompts(&args, &manifest)?;
     let options = args.sampling.options(&manifest)?;
-    if args.pictures.wanted() || args.trace.is_some() {
+    args.outputs.check(&manifest)?;
+    if args.trace.is_some() {
         require_decoder(&manifest)?;
+        if manifest.larp_decoder.is_some() {
+            return Err(BadInput("--trace draws 2-D image grids, not video".into()).into());
+        }
     }
     let started = Instant::now();
     let generation = generate_with_progress(&mut generator, &prompts, &options)?;
@@ -308,10 +249,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         )?;
     }
     let mut written = Vec::new();
-    if args.pictures.wanted() || args.trace.is_some() {
-        let images = generator.decode(&generation.tokens, &generation.grid)?;
-        written = args.pictures.write(&images)?;
-        if let Some(path) = &args.trace {
+    if args.outputs.wanted() || args.trace.is_some() {
+        let decoded = generator.decode(&generation.tokens, &generation.grid)?;
+        written = args.outputs.write(&decoded)?;
+        if let (Some(path), Decoded::Pictures(images)) = (&args.trace, &decoded) {
             write_trace(path, &images[0], &manifest)?;
             written.push(path.clone());
         }
@@ -327,7 +268,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         println!("{result}");
     } else {
         println!(
-            "generated {} image(s) of {} tokens in {} model calls, {:.2} s ({:.2} s/image) on {}",
+            "generated {} grid(s) of {} tokens in {} model calls, {:.2} s ({:.2} s/grid) on {}",
             generation.tokens.len(),
             super::export::grid_text(&generation.grid),
             generation.calls,
@@ -349,6 +290,6 @@ pub fn write_trace(
     let plan = WavefrontPlan::new(&manifest.grid, &axes)?;
     let patch = manifest.vq_decoder.as_ref().map_or(16, |d| d.patch);
     let frames = trace_frames(picture, &plan, patch)?;
-    write_gif(path, &frames, 150)?;
+    write_gif(path, &frames, 150, LAST_FRAME_HOLD)?;
     Ok(())
 }

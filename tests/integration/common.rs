@@ -103,6 +103,7 @@ pub fn export_fixture(name: &str, file: &str, dir: &Path, dtype: DType) -> Manif
         output: dir.to_path_buf(),
         force: false,
         vq: None,
+        larp: None,
     })
     .unwrap()
 }
@@ -122,8 +123,8 @@ pub fn graph_paths(dir: &Path) -> Files {
         (GraphKind::Prefill, dir.join(&manifest.graphs.prefill.file)),
         (GraphKind::Step, dir.join(&manifest.graphs.step.file)),
     ];
-    if let Some(decoder) = &manifest.vq_decoder {
-        files.push((GraphKind::Decoder, dir.join(&decoder.graph.file)));
+    if let Some(decoder) = manifest.decoder_graph() {
+        files.push((GraphKind::Decoder, dir.join(&decoder.file)));
     }
     Files(files)
 }
@@ -183,4 +184,21 @@ pub fn assert_bad_input(output: &Output, needles: &[&str]) {
     for needle in needles {
         assert!(err.contains(needle), "stderr lacks {needle:?}:\n{err}");
     }
+}
+
+/// The frames of an animated GIF.
+pub fn gif_frames(path: &Path) -> Vec<image::RgbImage> {
+    use image::AnimationDecoder;
+    let file = std::io::BufReader::new(std::fs::File::open(path).unwrap());
+    image::codecs::gif::GifDecoder::new(file)
+        .unwrap()
+        .into_frames()
+        .map(|f| image::DynamicImage::ImageRgba8(f.unwrap().into_buffer()).to_rgb8())
+        .collect()
+}
+
+/// Writes `reference.json`'s `config` of a fixture to `path`, for `--config` flags.
+pub fn write_fixture_config(name: &str, path: &Path) {
+    let config = reference_json(name)["config"].clone();
+    std::fs::write(path, serde_json::to_string(&config).unwrap()).unwrap();
 }

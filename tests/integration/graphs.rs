@@ -153,6 +153,7 @@ fn grouped_query_attention_matches_repeated_kv_heads() {
             output: dir.clone(),
             force: false,
             vq: None,
+            larp: None,
         })
         .unwrap();
         dir

@@ -8,3 +8,4 @@ mod common;
 mod graphs;
 mod parity;
 mod pictures;
+mod video;

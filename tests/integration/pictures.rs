@@ -12,7 +12,7 @@ use narx_runtime::picture::{generated_after, greyed, to_pixels, trace_frames};
 use narx_runtime::scheduler::WavefrontPlan;
 
 use crate::common::{
-    assert_bad_input, fixture, model_config, narx, ort_engine, reference_json, stderr,
+    assert_bad_input, fixture, gif_frames, model_config, narx, ort_engine, reference_json, stderr,
     tract_engine, Reference,
 };
 
@@ -35,6 +35,7 @@ fn export_with_decoder(dir: &Path) {
             source: vq.as_ref(),
             config: vq_config(),
         }),
+        larp: None,
     })
     .unwrap();
 }
@@ -201,16 +202,6 @@ fn cells_by(plan: &WavefrontPlan, frame: usize) -> usize {
     plan.calls()[..frame].iter().map(|c| c.output_len()).sum()
 }
 
-fn gif_frames(path: &Path) -> Vec<image::RgbImage> {
-    use image::AnimationDecoder;
-    let file = std::io::BufReader::new(std::fs::File::open(path).unwrap());
-    image::codecs::gif::GifDecoder::new(file)
-        .unwrap()
-        .into_frames()
-        .map(|f| image::DynamicImage::ImageRgba8(f.unwrap().into_buffer()).to_rgb8())
-        .collect()
-}
-
 /// Mean absolute channel difference over the inside of a 16×16 cell (outline excluded)
 /// between `frame` and the final picture, shown as is or greyed out.
 fn cell_difference(
@@ -332,6 +323,6 @@ fn pictures_bad_input() {
         "-o",
         path_str(&out),
     ]);
-    assert_bad_input(&output, &["no VQ decoder", "--vq-checkpoint"]);
+    assert_bad_input(&output, &["has no decoder", "--vq-checkpoint"]);
     assert!(!out.exists());
 }
