@@ -247,9 +247,13 @@ fn manifest(
         ),
         ModelConfig::Image(args) => match args.condition() {
             ConditionKind::Class => (
-                Family::NarC2i,
+                if args.is_llamagen() {
+                    Family::LlamaGenC2i
+                } else {
+                    Family::NarC2i
+                },
                 class_condition(),
-                // sample_c2i.py
+                // sample_c2i.py (LlamaGen's sampler has the same defaults)
                 SamplingDefaults {
                     cfg_scale: 4.0,
                     cfg_interval: -1,

@@ -13,6 +13,16 @@ const PRESETS: [(&str, usize, usize, usize, bool); 6] = [
     ("nar-xl-t2i", 36, 20, 1280, true),
 ];
 
+/// LlamaGen c2i backbones of the NAR image presets (no extra block, no down head), for the
+/// raster-order baseline, `(name, n_layer, n_head, dim)`.
+const LLAMAGEN_PRESETS: [(&str, usize, usize, usize); 5] = [
+    ("llamagen-b", 12, 12, 768),
+    ("llamagen-l", 24, 16, 1024),
+    ("llamagen-xl", 36, 20, 1280),
+    ("llamagen-xxl", 48, 24, 1536),
+    ("llamagen-3b", 24, 32, 3200),
+];
+
 /// Upstream's `llama-abs-*` video models, `(name, n_layer, n_head, dim)`; the released
 /// configs use LP.
 const VIDEO_PRESETS: [(&str, usize, usize, usize); 7] = [
@@ -30,13 +40,14 @@ pub fn preset_names() -> Vec<&'static str> {
     PRESETS
         .iter()
         .map(|p| p.0)
+        .chain(LLAMAGEN_PRESETS.iter().map(|p| p.0))
         .chain(VIDEO_PRESETS.iter().map(|p| p.0))
         .collect()
 }
 
 /// The arguments of a preset: c2i at 384 px (24×24 grid) as `sample_c2i.py` samples, t2i
-/// at 512 px (32×32) with 120 caption tokens as `sample_t2i.py`, video on UCF-101's
-/// `(4, 16, 16)` grid with upstream's video defaults.
+/// at 512 px (32×32) with 120 caption tokens as `sample_t2i.py`, LlamaGen c2i on the same
+/// grid, video on UCF-101's `(4, 16, 16)` grid with upstream's video defaults.
 pub fn preset(name: &str) -> Option<ModelConfig> {
     if let Some(&(_, n_layer, n_head, dim)) = VIDEO_PRESETS.iter().find(|p| p.0 == name) {
         return Some(ModelConfig::Video(VideoArgs {
@@ -44,6 +55,16 @@ pub fn preset(name: &str) -> Option<ModelConfig> {
             n_head,
             dim,
             ..VideoArgs::default()
+        }));
+    }
+    if let Some(&(_, n_layer, n_head, dim)) = LLAMAGEN_PRESETS.iter().find(|p| p.0 == name) {
+        return Some(ModelConfig::Image(ModelArgs {
+            n_layer,
+            n_head,
+            dim,
+            medusa_attention_num: 0,
+            block_size: 24 * 24,
+            ..ModelArgs::default()
         }));
     }
     image_preset(name).map(ModelConfig::Image)
@@ -80,6 +101,8 @@ mod tests {
     fn presets_have_the_published_sizes() {
         let count = |n: &str| preset(n).map(|a| a.parameter_count());
         assert_eq!(count("nar-video-lp"), Some(693_588_480));
+        assert_eq!(count("llamagen-b"), Some(110_888_448));
+        assert_eq!(count("llamagen-3b"), Some(3_096_659_200));
         assert_eq!(count("nar-b"), Some(130_551_552));
         assert_eq!(count("nar-m"), Some(295_453_696));
         assert_eq!(count("nar-l"), Some(372_536_320));

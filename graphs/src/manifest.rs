@@ -27,6 +27,9 @@ pub enum Family {
     NarT2i,
     #[serde(rename = "nar-video")]
     NarVideo,
+    /// LlamaGen c2i: NAR's backbone without the extra block, generated in raster order.
+    #[serde(rename = "llamagen-c2i")]
+    LlamaGenC2i,
 }
 
 impl std::fmt::Display for Family {
@@ -35,6 +38,7 @@ impl std::fmt::Display for Family {
             Family::NarC2i => "nar-c2i",
             Family::NarT2i => "nar-t2i",
             Family::NarVideo => "nar-video",
+            Family::LlamaGenC2i => "llamagen-c2i",
         })
     }
 }
@@ -316,12 +320,17 @@ impl Manifest {
         if self.heads.is_empty() {
             return Err("no heads".into());
         }
-        let video_config = matches!(self.config, ModelConfig::Video(_));
-        if video_config != (self.family == Family::NarVideo) {
+        let (kind, expected) = match &self.config {
+            ModelConfig::Video(_) => ("video", vec![Family::NarVideo]),
+            ModelConfig::Image(args) if args.is_llamagen() => {
+                ("LlamaGen", vec![Family::LlamaGenC2i])
+            }
+            ModelConfig::Image(_) => ("NAR image", vec![Family::NarC2i, Family::NarT2i]),
+        };
+        if !expected.contains(&self.family) {
             return Err(format!(
-                "family {} does not match its config (an {} model's arguments)",
-                self.family,
-                if video_config { "video" } else { "image" }
+                "family {} does not match its config (a {kind} model's arguments)",
+                self.family
             ));
         }
         for head in &self.heads {

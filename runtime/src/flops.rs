@@ -29,7 +29,9 @@ pub fn generation_flops(config: &ModelConfig, plan: &WavefrontPlan, rows: usize)
         _ => (1.0, 0.0),
     };
     let per_token = blocks * 2.0 * (d * qkv + d * d + 3.0 * d * f);
-    let heads = plan.head_axes().len() as f64 * 2.0 * d * v;
+    // Every head the graph has runs, whether or not the plan reads it (raster order on a
+    // NAR model still computes the down head).
+    let heads = config.heads().len() as f64 * 2.0 * d * v;
     let mut total = 0.0;
     let mut past = 0.0;
     for call in plan.calls() {

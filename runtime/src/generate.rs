@@ -7,14 +7,14 @@
 use std::collections::HashMap;
 use std::time::Instant;
 
-use narx_graphs::manifest::{Condition, KvCache, Manifest};
+use narx_graphs::manifest::{Condition, Family, KvCache, Manifest};
 use narx_graphs::nar::names;
 
 use crate::backend::{Engine, GraphKind, HostTensor};
 use crate::decode::Decoded;
 use crate::guidance::CfgSchedule;
 use crate::sampling::{sample_block, ImageRng, SamplingParams};
-use crate::scheduler::{Call, WavefrontPlan};
+use crate::scheduler::{Call, Order, WavefrontPlan};
 use crate::RuntimeError;
 
 /// What each image is conditioned on.
@@ -85,17 +85,61 @@ pub struct Generator<E: Engine> {
     manifest: Manifest,
     engine: E,
     plan: WavefrontPlan,
+    order: Order,
+    /// The manifest heads the plan reads, in the plan's head order.
+    heads: Vec<usize>,
 }
 
 impl<E: Engine> Generator<E> {
+    /// Generates in the model's own order: NAR's, or raster for LlamaGen.
     pub fn new(manifest: Manifest, engine: E) -> Result<Self, RuntimeError> {
-        let axes: Vec<usize> = manifest.heads.iter().map(|h| h.axis).collect();
-        let plan = WavefrontPlan::new(&manifest.grid, &axes)?;
+        let order = natural_order(&manifest);
+        Self::with_order(manifest, engine, order)
+    }
+
+    /// Generates in `order`. Raster order uses the head that predicts along the grid's last
+    /// axis (the right head, which reads the trunk) and leaves the others unused.
+    pub fn with_order(manifest: Manifest, engine: E, order: Order) -> Result<Self, RuntimeError> {
+        let (plan, heads) = match order {
+            Order::Nar => {
+                if natural_order(&manifest) == Order::Raster {
+                    return Err(RuntimeError::BadInput(format!(
+                        "{} models have one head and generate in raster order only",
+                        manifest.family
+                    )));
+                }
+                let axes: Vec<usize> = manifest.heads.iter().map(|h| h.axis).collect();
+                let plan = WavefrontPlan::new(&manifest.grid, &axes)?;
+                (plan, (0..axes.len()).collect())
+            }
+            Order::Raster => {
+                let last_axis = manifest.grid.len().saturating_sub(1);
+                let head = manifest
+                    .heads
+                    .iter()
+                    .position(|h| h.axis == last_axis)
+                    .ok_or_else(|| {
+                        RuntimeError::BadInput(
+                            "raster order needs a head along the grid's last axis".into(),
+                        )
+                    })?;
+                (
+                    WavefrontPlan::raster(&manifest.grid, last_axis)?,
+                    vec![head],
+                )
+            }
+        };
         Ok(Generator {
             manifest,
             engine,
             plan,
+            order,
+            heads,
         })
+    }
+
+    pub fn order(&self) -> Order {
+        self.order
     }
 
     pub fn manifest(&self) -> &Manifest {
@@ -307,7 +351,8 @@ impl<E: Engine> Generator<E> {
         }
     }
 
-    /// Each head's logits `(rows, width, vocab)` on the host, in manifest head order.
+    /// The logits `(rows, width, vocab)` of each head the plan reads, on the host, in plan
+    /// head order.
     fn head_logits(
         &self,
         outputs: &mut HashMap<String, E::Value>,
@@ -315,10 +360,10 @@ impl<E: Engine> Generator<E> {
         width: usize,
     ) -> Result<Vec<Vec<f32>>, RuntimeError> {
         let expected = [rows, width, self.manifest.vocab_size];
-        self.manifest
-            .heads
+        self.heads
             .iter()
-            .map(|head| {
+            .map(|&index| {
+                let head = &self.manifest.heads[index];
                 let value = outputs.remove(&head.output).ok_or_else(|| {
                     RuntimeError::backend(&self.engine.name(), format!("no output {}", head.output))
                 })?;
@@ -360,5 +405,13 @@ impl<E: Engine> Generator<E> {
                 Ok((past, value))
             })
             .collect()
+    }
+}
+
+/// LlamaGen has a single head and generates in raster order; NAR families in theirs.
+pub fn natural_order(manifest: &Manifest) -> Order {
+    match manifest.family {
+        Family::LlamaGenC2i => Order::Raster,
+        Family::NarC2i | Family::NarT2i | Family::NarVideo => Order::Nar,
     }
 }

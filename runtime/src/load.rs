@@ -8,7 +8,8 @@ use crate::backend::ort::{find_library, OrtEngine, OrtOptions};
 use crate::backend::tract::TractEngine;
 use crate::backend::GraphKind;
 use crate::decode::Decoded;
-use crate::generate::{CallReport, GenerateOptions, Generation, Generator, Prompts};
+use crate::generate::{natural_order, CallReport, GenerateOptions, Generation, Generator, Prompts};
+use crate::scheduler::{Order, WavefrontPlan};
 use crate::RuntimeError;
 
 /// Which backend runs the model.
@@ -36,6 +37,8 @@ pub struct LoadOptions {
     pub ort: OrtOptions,
     /// Threads for tract's matmuls and ONNX Runtime's intra-op pool.
     pub threads: Option<usize>,
+    /// Generation order; `None` is the model's own (NAR's, or raster for LlamaGen).
+    pub order: Option<Order>,
 }
 
 /// A generator on whichever backend was chosen.
@@ -90,13 +93,13 @@ impl AnyGenerator {
                 Err(e) => (false, Some(format!("using tract ({e})"))),
             },
         };
+        let order = options.order.unwrap_or_else(|| natural_order(&manifest));
         let generator = if use_ort {
-            AnyGenerator::Ort(Generator::new(manifest, OrtEngine::load(&paths, &ort)?)?)
+            let engine = OrtEngine::load(&paths, &ort)?;
+            AnyGenerator::Ort(Generator::with_order(manifest, engine, order)?)
         } else {
-            AnyGenerator::Tract(Generator::new(
-                manifest,
-                TractEngine::load(&paths, options.threads)?,
-            )?)
+            let engine = TractEngine::load(&paths, options.threads)?;
+            AnyGenerator::Tract(Generator::with_order(manifest, engine, order)?)
         };
         Ok((generator, note))
     }
@@ -123,11 +126,22 @@ impl AnyGenerator {
         }
     }
 
-    pub fn calls(&self) -> usize {
+    pub fn order(&self) -> Order {
         match self {
-            AnyGenerator::Tract(g) => g.plan().calls().len(),
-            AnyGenerator::Ort(g) => g.plan().calls().len(),
+            AnyGenerator::Tract(g) => g.order(),
+            AnyGenerator::Ort(g) => g.order(),
         }
+    }
+
+    pub fn plan(&self) -> &WavefrontPlan {
+        match self {
+            AnyGenerator::Tract(g) => g.plan(),
+            AnyGenerator::Ort(g) => g.plan(),
+        }
+    }
+
+    pub fn calls(&self) -> usize {
+        self.plan().calls().len()
     }
 
     pub fn generate(

@@ -20,6 +20,24 @@
 
 use thiserror::Error;
 
+/// The order cells are generated in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Order {
+    /// NAR: one wavefront per call, every dimension head contributing.
+    Nar,
+    /// LlamaGen's raster order: one cell per call ([`WavefrontPlan::raster`]).
+    Raster,
+}
+
+impl Order {
+    pub fn name(self) -> &'static str {
+        match self {
+            Order::Nar => "nar",
+            Order::Raster => "raster",
+        }
+    }
+}
+
 /// Largest grid a plan accepts (1024 times the largest upstream grid): the plan lists every
 /// cell, so an absurd grid from a corrupt manifest must be an error, not an allocation abort.
 pub const MAX_CELLS: usize = 1 << 20;
@@ -279,37 +297,21 @@ impl WavefrontPlan {
     /// The head order fixes only the prefill's summation order; upstream's video prefill
     /// sums R + B + D, i.e. head axes `[2, 0, 1]`.
     pub fn new(grid: &[usize], head_axes: &[usize]) -> Result<Self, PlanError> {
-        validate(grid, head_axes)?;
-        let ndim = grid.len();
-        let cells = grid
-            .iter()
-            .try_fold(1usize, |acc, &d| acc.checked_mul(d))
-            .filter(|&cells| cells <= MAX_CELLS)
-            .ok_or_else(|| PlanError::GridTooLarge {
-                grid: grid.to_vec(),
-            })?;
+        let (raster_cells, strides) = raster_cells(grid)?;
+        validate_heads(grid, head_axes)?;
+        let cells = raster_cells.len();
         // Σ(dᵢ − 1) cannot overflow once the product fits.
         let last_wave: usize = grid.iter().map(|d| d - 1).sum();
-
-        let mut strides = vec![1usize; ndim];
-        for axis in (0..ndim.saturating_sub(1)).rev() {
-            strides[axis] = strides[axis + 1] * grid[axis + 1];
-        }
 
         // Raster order is lexicographic order, so bucketing cells by raster index lists each
         // wavefront in the order upstream uses.
         let mut waves: Vec<Vec<Cell>> = vec![Vec::new(); last_wave + 1];
         // `slot[raster]` is the cell's position within its wavefront.
         let mut slot = Vec::with_capacity(cells);
-        for raster in 0..cells {
-            let coords: Box<[usize]> = strides
-                .iter()
-                .zip(grid)
-                .map(|(&stride, &extent)| (raster / stride) % extent)
-                .collect();
-            let wave = &mut waves[coords.iter().sum::<usize>()];
+        for cell in raster_cells {
+            let wave = &mut waves[cell.coords.iter().sum::<usize>()];
             slot.push(wave.len());
-            wave.push(Cell { coords, raster });
+            wave.push(cell);
         }
 
         let origin = waves[0].clone();
@@ -369,6 +371,45 @@ impl WavefrontPlan {
         })
     }
 
+    /// LlamaGen's raster order over the same grid: one cell per call, each predicted by the
+    /// single head that reads the trunk at the previous position (the right head, whose
+    /// axis is `head_axis`; at a row's end it predicts the next row's first cell, as the
+    /// next position in the sequence). Feeding one token per call with the cache appended
+    /// makes the attention causal, as LlamaGen's mask is.
+    pub fn raster(grid: &[usize], head_axis: usize) -> Result<Self, PlanError> {
+        let (raster_cells, _) = raster_cells(grid)?;
+        if head_axis >= grid.len() {
+            return Err(PlanError::AxisOutOfRange {
+                head: 0,
+                axis: head_axis,
+                ndim: grid.len(),
+            });
+        }
+        let cells = raster_cells.len();
+        let only_head = || Box::new([Contribution { input: 0, head: 0 }]) as Box<[Contribution]>;
+        let mut calls = Vec::with_capacity(cells);
+        let mut previous: Option<Cell> = None;
+        for (index, cell) in raster_cells.into_iter().enumerate() {
+            calls.push(Call {
+                index,
+                fed: previous.take().into_iter().collect(),
+                produced: vec![ProducedCell {
+                    cell: cell.clone(),
+                    contributions: only_head(),
+                }],
+                heads: 1,
+                cells,
+                tokens_before: index,
+            });
+            previous = Some(cell);
+        }
+        Ok(Self {
+            grid: grid.to_vec(),
+            head_axes: vec![head_axis],
+            calls,
+        })
+    }
+
     /// Grid extents the plan was built for.
     pub fn grid(&self) -> &[usize] {
         &self.grid
@@ -396,13 +437,40 @@ impl WavefrontPlan {
     }
 }
 
-fn validate(grid: &[usize], head_axes: &[usize]) -> Result<(), PlanError> {
+/// Every cell in raster (lexicographic) order, and the grid's row-major strides.
+fn raster_cells(grid: &[usize]) -> Result<(Vec<Cell>, Vec<usize>), PlanError> {
     if grid.is_empty() {
         return Err(PlanError::EmptyGrid);
     }
     if let Some(axis) = grid.iter().position(|&d| d == 0) {
         return Err(PlanError::ZeroExtent { axis });
     }
+    let cells = grid
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .filter(|&cells| cells <= MAX_CELLS)
+        .ok_or_else(|| PlanError::GridTooLarge {
+            grid: grid.to_vec(),
+        })?;
+    let mut strides = vec![1usize; grid.len()];
+    for axis in (0..grid.len() - 1).rev() {
+        strides[axis] = strides[axis + 1] * grid[axis + 1];
+    }
+    let cells = (0..cells)
+        .map(|raster| Cell {
+            coords: strides
+                .iter()
+                .zip(grid)
+                .map(|(&stride, &extent)| (raster / stride) % extent)
+                .collect(),
+            raster,
+        })
+        .collect();
+    Ok((cells, strides))
+}
+
+/// Each head has its own axis of the grid, and every axis longer than 1 has a head.
+fn validate_heads(grid: &[usize], head_axes: &[usize]) -> Result<(), PlanError> {
     if head_axes.is_empty() {
         return Err(PlanError::NoHeads);
     }
@@ -895,6 +963,44 @@ mod tests {
         let mut out = [0.0; 3];
         calls[2].assemble(&[&r, &d, &b], 1, 1, &mut out).unwrap();
         assert_eq!(out[0], (3.0 + 7.0) / 2.0);
+    }
+
+    #[test]
+    fn raster_order_feeds_the_previous_cell_and_predicts_the_next() {
+        for grid in [vec![1], vec![3, 3], vec![2, 5], vec![2, 3, 4]] {
+            let last_axis = grid.len() - 1;
+            let plan = WavefrontPlan::raster(&grid, last_axis).unwrap();
+            let cells = plan.cell_count();
+            assert_eq!(plan.calls().len(), cells);
+            assert_eq!(plan.head_axes(), &[last_axis]);
+            assert_eq!(plan.max_input_len(), 1);
+            let coords = all_coords(&grid);
+            for (k, call) in plan.calls().iter().enumerate() {
+                assert_eq!(call.index(), k);
+                assert_eq!(call.tokens_before(), k);
+                let fed: Vec<usize> = call.fed().iter().map(Cell::raster).collect();
+                assert_eq!(fed, if k == 0 { vec![] } else { vec![k - 1] });
+                assert_eq!(call.output_len(), 1);
+                let produced = &call.produced()[0];
+                assert_eq!(produced.cell().raster(), k);
+                assert_eq!(produced.cell().coords(), coords[k].as_slice());
+                assert_eq!(
+                    produced.contributions(),
+                    &[Contribution { input: 0, head: 0 }]
+                );
+            }
+            // One head's logits pass through unchanged.
+            let call = &plan.calls()[plan.calls().len() - 1];
+            let logits = [1.0, 2.0, 3.0, 4.0];
+            let mut out = [0.0; 4];
+            call.assemble(&[&logits], 2, 2, &mut out).unwrap();
+            assert_eq!(out, logits);
+        }
+        assert!(matches!(
+            WavefrontPlan::raster(&[3, 3], 2),
+            Err(PlanError::AxisOutOfRange { .. })
+        ));
+        assert_eq!(WavefrontPlan::raster(&[], 0), Err(PlanError::EmptyGrid));
     }
 
     #[test]

@@ -17,7 +17,7 @@ use narx_runtime::guidance::uses_uncond_half;
 use narx_runtime::load::{AnyGenerator, Purpose};
 
 use super::export::model_config;
-use super::run::{BackendArgs, SamplingArgs};
+use super::run::{BackendArgs, OrderArg, SamplingArgs};
 use super::BadInput;
 
 #[derive(Args)]
@@ -44,6 +44,10 @@ pub struct BenchArgs {
     backend: BackendArgs,
     #[command(flatten)]
     sampling: SamplingArgs,
+    /// Generation order: nar, or raster (one token per call, LlamaGen's; the baseline).
+    /// Default: the model's own.
+    #[arg(long, value_enum)]
+    order: Option<OrderArg>,
     /// Print one JSON object on the last line of stdout.
     #[arg(long)]
     json: bool,
@@ -123,7 +127,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
         (None, None) => return Err(BadInput("give a model directory or --preset".into()).into()),
     };
-    let mut generator = args.backend.open(&dir, Purpose::Generate)?;
+    let order = args.order.map(OrderArg::order);
+    let mut generator = args.backend.open(&dir, Purpose::Generate, order)?;
     let manifest = generator.manifest().clone();
     let options = args.sampling.options(&manifest)?;
     let prompts = match &manifest.condition {
@@ -155,15 +160,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let median_s = median(&mut seconds);
     let best_s = seconds[0];
     let images = args.batch as f64;
-    let axes: Vec<usize> = manifest.heads.iter().map(|h| h.axis).collect();
-    let plan = narx_runtime::scheduler::WavefrontPlan::new(&manifest.grid, &axes)?;
-    let flops = generation_flops(&manifest.config, &plan, rows);
+    let flops = generation_flops(&manifest.config, generator.plan(), rows);
     let cells: usize = manifest.grid.iter().product();
     let model = median(&mut runs.iter().map(|r| r.model).collect::<Vec<_>>());
     let sampling = median(&mut runs.iter().map(|r| r.sampling).collect::<Vec<_>>());
     let result = serde_json::json!({
         "provider": generator.engine_name(),
-        "order": "nar",
+        "order": generator.order().name(),
         "batch": args.batch,
         "grid": manifest.grid,
         "calls": calls,
@@ -182,9 +185,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         "parameters": manifest.parameters,
     });
     println!(
-        "{} on {}: batch {}, {} calls, {:.3} s/image median ({:.3} best), {:.2} images/s, \
-         {:.0} tokens/s",
+        "{} in {} order on {}: batch {}, {} calls, {:.3} s/image median ({:.3} best), \
+         {:.2} images/s, {:.0} tokens/s",
         manifest.family,
+        generator.order().name(),
         generator.engine_name(),
         args.batch,
         calls,

@@ -59,7 +59,7 @@ pub fn run(args: DecodeArgs) -> anyhow::Result<()> {
     let manifest = Manifest::load(&args.model)?;
     args.outputs.check(&manifest)?;
     let (tokens, grid) = read_tokens(&args.tokens, &manifest.grid)?;
-    let mut generator = args.backend.open(&args.model, Purpose::Decode)?;
+    let mut generator = args.backend.open(&args.model, Purpose::Decode, None)?;
     let decoded = generator.decode(&tokens, &grid)?;
     for path in args.outputs.write(&decoded)? {
         eprintln!("narx: wrote {}", path.display());

@@ -95,7 +95,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         dir.display(),
         started.elapsed().as_secs_f64()
     );
-    let mut generator = args.backend.open(&dir, Purpose::Generate)?;
+    let mut generator = args.backend.open(&dir, Purpose::Generate, None)?;
     let options = args.sampling.options(&manifest)?;
     let started = Instant::now();
     let generation = generate_with_progress(

@@ -21,12 +21,12 @@ pub struct ExportArgs {
     /// Checkpoint: safetensors, or a PyTorch `.pt`/`.pth` (read without running any code).
     #[arg(long)]
     checkpoint: PathBuf,
-    /// Model shape: nar-b, nar-m, nar-l, nar-xl, nar-xxl (c2i), nar-xl-t2i, or a video model
-    /// nar-video-{s,b,l,lp,xl,xxl,xxxl}.
+    /// Model shape: nar-b, nar-m, nar-l, nar-xl, nar-xxl (c2i), nar-xl-t2i, a LlamaGen c2i
+    /// model llamagen-{b,l,xl,xxl,3b}, or a video model nar-video-{s,b,l,lp,xl,xxl,xxxl}.
     #[arg(long, conflicts_with = "config", required_unless_present = "config")]
     preset: Option<String>,
     /// JSON object with upstream `ModelArgs` fields, instead of a preset (a video model's
-    /// has `latent_shape`).
+    /// has `latent_shape`; a LlamaGen model's has `"medusa_attention_num": 0`).
     #[arg(long)]
     config: Option<PathBuf>,
     /// Latent grid side n (image n·16 px); default from the config's block_size. Video grids

@@ -17,7 +17,7 @@ use super::output::{require_decoder, OutputArgs};
 use super::{write_atomically, BadInput};
 use narx_runtime::decode::Decoded;
 use narx_runtime::picture::{trace_frames, write_gif, LAST_FRAME_HOLD};
-use narx_runtime::scheduler::WavefrontPlan;
+use narx_runtime::scheduler::{Order, WavefrontPlan};
 
 #[derive(Args)]
 pub struct RunArgs {
@@ -43,9 +43,28 @@ pub struct RunArgs {
     /// cells not generated yet greyed out (image models).
     #[arg(long)]
     trace: Option<PathBuf>,
+    /// Generation order: nar (one wavefront per call), or raster (one token per call, as
+    /// LlamaGen; the baseline NAR is measured against). Default: the model's own.
+    #[arg(long, value_enum)]
+    order: Option<OrderArg>,
     /// Print results as JSON on stdout.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum OrderArg {
+    Nar,
+    Raster,
+}
+
+impl OrderArg {
+    pub fn order(self) -> Order {
+        match self {
+            OrderArg::Nar => Order::Nar,
+            OrderArg::Raster => Order::Raster,
+        }
+    }
 }
 
 /// Which backend runs the model, and how.
@@ -70,8 +89,14 @@ enum ProviderArg {
 }
 
 impl BackendArgs {
-    /// Opens the model; says on stderr which backend `auto` picked.
-    pub fn open(&self, dir: &Path, purpose: Purpose) -> anyhow::Result<AnyGenerator> {
+    /// Opens the model to generate in `order` (`None`: the model's own); says on stderr
+    /// which backend `auto` picked.
+    pub fn open(
+        &self,
+        dir: &Path,
+        purpose: Purpose,
+        order: Option<Order>,
+    ) -> anyhow::Result<AnyGenerator> {
         if self.threads == Some(0) {
             return Err(BadInput("--threads must be at least 1".into()).into());
         }
@@ -86,6 +111,7 @@ impl BackendArgs {
                 intra_threads: self.threads,
             },
             threads: self.threads,
+            order,
         };
         let (generator, note) = AnyGenerator::open(dir, provider, &options, purpose)?;
         if let Some(note) = note {
@@ -228,7 +254,11 @@ pub fn tokens_json(generation: &Generation) -> serde_json::Value {
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
-    let mut generator = args.backend.open(&args.model, Purpose::Generate)?;
+    let mut generator = args.backend.open(
+        &args.model,
+        Purpose::Generate,
+        args.order.map(OrderArg::order),
+    )?;
     let manifest = generator.manifest().clone();
     let prompts = prompts(&args, &manifest)?;
     let options = args.sampling.options(&manifest)?;

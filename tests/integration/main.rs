@@ -8,4 +8,5 @@ mod common;
 mod graphs;
 mod parity;
 mod pictures;
+mod raster;
 mod video;

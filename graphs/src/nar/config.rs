@@ -99,11 +99,17 @@ impl ModelArgs {
                 transformer.head_dim()
             ));
         }
-        if self.medusa_attention_num != 1 {
-            return bad(format!(
-                "medusa_attention_num {} is not supported (NAR uses exactly one extra block)",
-                self.medusa_attention_num
-            ));
+        match (self.medusa_attention_num, self.model_type.as_str()) {
+            (1, _) | (0, "c2i") => {}
+            (0, _) => {
+                return bad("LlamaGen models (medusa_attention_num 0) are supported for c2i".into())
+            }
+            (n, _) => {
+                return bad(format!(
+                    "medusa_attention_num {n} is not supported (NAR has one extra block, \
+                     LlamaGen none)"
+                ))
+            }
         }
         match self.model_type.as_str() {
             "c2i" if self.cls_token_num != 1 => bad(format!(
@@ -143,9 +149,15 @@ impl ModelArgs {
         }
     }
 
-    /// Transformer blocks: the trunk plus the extra ("medusa") block.
+    /// Whether this is LlamaGen (NAR's backbone without the extra block and the down head),
+    /// which generates in raster order only.
+    pub fn is_llamagen(&self) -> bool {
+        self.medusa_attention_num == 0
+    }
+
+    /// Transformer blocks: the trunk plus NAR's extra ("medusa") block.
     pub fn blocks(&self) -> usize {
-        self.n_layer + 1
+        self.n_layer + self.medusa_attention_num
     }
 
     /// Rows of the class table: one per class, plus the null class when trained with dropout.
@@ -159,26 +171,29 @@ impl ModelArgs {
         (n * n == self.block_size && n > 0).then_some(n)
     }
 
-    /// The right head reads the trunk, the down head the extra block (NAR-SPEC §1.3).
+    /// The right head reads the trunk, the down head the extra block (NAR-SPEC §1.3);
+    /// LlamaGen has the right head only (its "next token" head).
     pub fn heads(&self) -> Vec<HeadSpec> {
-        vec![
-            HeadSpec {
-                name: "right",
-                output: names::LOGITS_RIGHT,
-                axis: 1,
-                after_blocks: self.n_layer,
-                norm: "norm.weight",
-                projection: "output.weight",
-            },
-            HeadSpec {
-                name: "down",
-                output: names::LOGITS_DOWN,
-                axis: 0,
-                after_blocks: self.n_layer + 1,
-                norm: "medusa_norm.weight",
-                projection: "medusa_output.weight",
-            },
-        ]
+        let right = HeadSpec {
+            name: "right",
+            output: names::LOGITS_RIGHT,
+            axis: 1,
+            after_blocks: self.n_layer,
+            norm: "norm.weight",
+            projection: "output.weight",
+        };
+        if self.is_llamagen() {
+            return vec![right];
+        }
+        let down = HeadSpec {
+            name: "down",
+            output: names::LOGITS_DOWN,
+            axis: 0,
+            after_blocks: self.n_layer + 1,
+            norm: "medusa_norm.weight",
+            projection: "medusa_output.weight",
+        };
+        vec![right, down]
     }
 
     /// Every tensor a checkpoint must hold, with upstream names and shapes (NAR-SPEC §5).
@@ -462,6 +477,13 @@ mod tests {
             ..preset(36, 20, 1280)
         };
         assert_eq!(count(t2i), 818_969_600);
+        // LlamaGen-equivalent: no extra block, no down head.
+        let llamagen = |l, h, d| ModelArgs {
+            medusa_attention_num: 0,
+            ..preset(l, h, d)
+        };
+        assert_eq!(count(llamagen(12, 12, 768)), 110_888_448);
+        assert_eq!(count(llamagen(36, 20, 1280)), 774_699_520);
     }
 
     #[test]
