@@ -187,6 +187,9 @@ impl<E: Engine> Generator<E> {
             .collect();
         let mut grid_tokens = vec![0u32; batch * cells];
         let mut cache: Vec<(String, E::Value)> = Vec::new();
+        // Buffers reused from call to call (sized for the widest wavefront on first use).
+        let (mut logits, mut guided, mut scratch) = (Vec::new(), Vec::new(), Vec::new());
+        let mut tokens = Vec::new();
         let calls = self.plan.calls().len();
         for index in 0..calls {
             let call = &self.plan.calls()[index];
@@ -228,12 +231,14 @@ impl<E: Engine> Generator<E> {
             let started = Instant::now();
             let head_refs: Vec<&[f32]> = heads.iter().map(Vec::as_slice).collect();
             let produced = call.output_len();
-            let mut logits = vec![0f32; rows * produced * vocab];
+            logits.resize(rows * produced * vocab, 0.0);
             call.assemble(&head_refs, rows, vocab, &mut logits)?;
-            let mut guided = vec![0f32; batch * produced * vocab];
+            guided.resize(batch * produced * vocab, 0.0);
             schedule.apply(call.tokens_before(), &logits, &mut guided)?;
-            let mut tokens = vec![0u32; batch * produced];
-            let mut scratch = guided.clone();
+            tokens.resize(batch * produced, 0);
+            // Sampling overwrites its input; the report shows the guided logits as they were.
+            scratch.clear();
+            scratch.extend_from_slice(&guided);
             sample_block(
                 &mut scratch,
                 vocab,

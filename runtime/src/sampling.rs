@@ -39,6 +39,8 @@ pub enum SamplingError {
     },
     #[error("a batch of {images} images cannot own {rows} logit rows evenly")]
     RowsPerImage { rows: usize, images: usize },
+    #[error("a sampling thread panicked")]
+    WorkerPanicked,
 }
 
 /// How a token is chosen from a row of logits.
@@ -121,7 +123,7 @@ pub fn filter_logits(logits: &mut [f32], params: &SamplingParams) -> Result<(), 
     // `min(max(top_k, 1), V)` sits inside that branch), so top_k = 0 with top_p < 1 is top-p
     // alone, not "keep one".
     if params.top_k > 0 {
-        top_k(logits, params.top_k);
+        top_k(logits, params.top_k, &mut Vec::new());
     }
     if params.top_p < 1.0 {
         top_p(logits, params.top_p);
@@ -134,8 +136,7 @@ pub fn filter_logits(logits: &mut [f32], params: &SamplingParams) -> Result<(), 
 /// Greedy mode returns the first index of the largest logit and ignores temperature and
 /// filters (neither can change the arg-max). Otherwise the row is filtered as
 /// [`filter_logits`], turned into probabilities with a softmax, and one token is drawn with a
-/// uniform from `rng`. `logits` is used as scratch: on return it holds the probabilities
-/// (sampling) or is unchanged (greedy).
+/// uniform from `rng`. `logits` is used as scratch.
 pub fn sample_row<R: Rng + ?Sized>(
     logits: &mut [f32],
     params: &SamplingParams,
@@ -157,21 +158,59 @@ pub fn sample_row_with_uniform(
     params: &SamplingParams,
     u: f64,
 ) -> Result<u32, SamplingError> {
-    if !(0.0..1.0).contains(&u) {
-        return Err(SamplingError::InvalidUniform(u));
-    }
-    if params.greedy {
+    RowSampler::default().sample(logits, params, Some(u))
+}
+
+/// Samples rows with reusable buffers, so a block of rows allocates nothing per row.
+#[derive(Default)]
+struct RowSampler {
+    /// Copy of a row for the top-k selection.
+    values: Vec<f32>,
+    /// Indices of the entries that survive filtering, ascending.
+    kept: Vec<usize>,
+}
+
+impl RowSampler {
+    /// Greedy when `u` is `None`, else a draw with uniform `u`.
+    fn sample(
+        &mut self,
+        logits: &mut [f32],
+        params: &SamplingParams,
+        u: Option<f64>,
+    ) -> Result<u32, SamplingError> {
+        let Some(u) = u.filter(|_| !params.greedy) else {
+            params.validate()?;
+            return greedy(logits);
+        };
+        if !(0.0..1.0).contains(&u) {
+            return Err(SamplingError::InvalidUniform(u));
+        }
         params.validate()?;
-        return greedy(logits);
+        let divisor = params.temperature.max(MIN_TEMPERATURE);
+        logits.iter_mut().for_each(|l| *l /= divisor);
+        check_logits(logits)?;
+        if params.top_k > 0 {
+            top_k(logits, params.top_k, &mut self.values);
+        }
+        if params.top_p < 1.0 {
+            top_p(logits, params.top_p);
+        }
+        // The softmax and the draw visit the surviving entries only, in vocabulary order:
+        // a removed entry's probability is exactly 0, so skipping it changes no sum.
+        self.kept.clear();
+        self.kept
+            .extend((0..logits.len()).filter(|&i| logits[i] > f32::NEG_INFINITY));
+        softmax(logits, &self.kept);
+        draw(logits, &self.kept, u)
     }
-    filter_logits(logits, params)?;
-    softmax(logits);
-    draw(logits, u)
 }
 
 /// Samples every row of a `(batch, positions, vocab)` block into `(batch, positions)` tokens;
 /// row `b` draws from `rngs[b]`, positions in order, so each image's stream is used the same
 /// way whatever else is in the batch. `logits` is used as scratch.
+///
+/// The uniforms are drawn first, in that order; the rows are then filtered and drawn on
+/// several threads (they are independent once their uniform is known).
 pub fn sample_block<R: Rng>(
     logits: &mut [f32],
     vocab: usize,
@@ -197,16 +236,46 @@ pub fn sample_block<R: Rng>(
             images,
         });
     }
+    params.validate()?;
     let positions = tokens.len() / images;
-    for (i, (row, token)) in logits
-        .chunks_exact_mut(vocab)
-        .zip(tokens.iter_mut())
-        .enumerate()
-    {
-        *token = sample_row(row, params, &mut rngs[i / positions])?;
+    let uniforms: Vec<Option<f64>> = (0..tokens.len())
+        .map(|row| (!params.greedy).then(|| rngs[row / positions].random()))
+        .collect();
+    let rows = tokens.len();
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(rows)
+        .min(expected / MIN_VALUES_PER_THREAD)
+        .max(1);
+    let rows_per_thread = rows.div_ceil(threads);
+    let sample_rows = |logits: &mut [f32], tokens: &mut [u32], uniforms: &[Option<f64>]| {
+        let mut sampler = RowSampler::default();
+        for ((row, token), &u) in logits.chunks_exact_mut(vocab).zip(tokens).zip(uniforms) {
+            *token = sampler.sample(row, params, u)?;
+        }
+        Ok(())
+    };
+    if threads == 1 {
+        return sample_rows(logits, tokens, &uniforms);
     }
-    Ok(())
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = logits
+            .chunks_mut(rows_per_thread * vocab)
+            .zip(tokens.chunks_mut(rows_per_thread))
+            .zip(uniforms.chunks(rows_per_thread))
+            .map(|((logits, tokens), uniforms)| {
+                scope.spawn(move || sample_rows(logits, tokens, uniforms))
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|worker| worker.join().unwrap_or(Err(SamplingError::WorkerPanicked)))
+            .collect()
+    })
 }
+
+/// Below this many logits per thread, starting a thread costs more than it saves.
+const MIN_VALUES_PER_THREAD: usize = 1 << 16;
 
 /// Rejects NaN and +∞ (upstream's softmax would turn them into NaN and `multinomial` would
 /// fail) and rows with nothing left to choose.
@@ -250,13 +319,14 @@ fn index_to_token(index: usize) -> Result<u32, SamplingError> {
 }
 
 /// Sets every logit strictly below the k-th largest (k ≥ 1) to −∞, so ties with it survive.
-/// Selection is O(V) on a copy; the row keeps its order.
-fn top_k(logits: &mut [f32], k: usize) {
+/// Selection is O(V) on a copy in `scratch`; the row keeps its order.
+fn top_k(logits: &mut [f32], k: usize, scratch: &mut Vec<f32>) {
     let k = k.min(logits.len());
     if k == logits.len() {
         return;
     }
-    let mut scratch = logits.to_vec();
+    scratch.clear();
+    scratch.extend_from_slice(logits);
     let (_, &mut threshold, _) = scratch.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
     for l in logits.iter_mut() {
         if *l < threshold {
@@ -294,26 +364,32 @@ fn top_p(logits: &mut [f32], p: f32) {
     }
 }
 
-/// In-place softmax; −∞ entries become 0. The row holds at least one finite logit.
-fn softmax(logits: &mut [f32]) {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+/// Softmax over the `kept` entries in place (each becomes its probability); the others are
+/// left as they are. `kept` is non-empty and ascending, so the sums run in vocabulary order.
+fn softmax(logits: &mut [f32], kept: &[usize]) {
+    let max = kept
+        .iter()
+        .map(|&i| logits[i])
+        .fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0.0f32;
-    for l in logits.iter_mut() {
-        *l = (*l - max).exp();
-        sum += *l;
+    for &i in kept {
+        logits[i] = (logits[i] - max).exp();
+        sum += logits[i];
     }
-    logits.iter_mut().for_each(|l| *l /= sum);
+    kept.iter().for_each(|&i| logits[i] /= sum);
 }
 
-/// Inverse-CDF draw over probabilities in vocabulary order: the first token whose cumulative
-/// probability exceeds `u` times the total. Zero-probability tokens are never chosen; if
-/// rounding leaves the target at the very end, the last possible token is taken.
-fn draw(probs: &[f32], u: f64) -> Result<u32, SamplingError> {
-    let total: f64 = probs.iter().map(|&p| f64::from(p)).sum();
+/// Inverse-CDF draw over the probabilities of the `kept` entries in vocabulary order: the
+/// first token whose cumulative probability exceeds `u` times the total. Zero-probability
+/// tokens are never chosen; if rounding leaves the target at the very end, the last possible
+/// token is taken.
+fn draw(probs: &[f32], kept: &[usize], u: f64) -> Result<u32, SamplingError> {
+    let total: f64 = kept.iter().map(|&i| f64::from(probs[i])).sum();
     let target = u * total;
     let mut cumulative = 0.0f64;
     let mut last = None;
-    for (i, &p) in probs.iter().enumerate() {
+    for &i in kept {
+        let p = probs[i];
         if p > 0.0 {
             cumulative += f64::from(p);
             last = Some(i);
@@ -522,6 +598,40 @@ mod tests {
         .unwrap();
         assert_eq!(tokens[..positions], image_tokens(9, 5)[..]);
         assert_eq!(tokens[positions..], image_tokens(9, 6)[..]);
+    }
+
+    /// A block big enough to be split across threads samples exactly what row-by-row
+    /// sampling with the same streams does, for every mode.
+    #[test]
+    fn threaded_blocks_equal_row_by_row_sampling() {
+        let (vocab, images, positions) = (8192, 3, 7);
+        let rows = images * positions;
+        assert!(rows * vocab >= 2 * MIN_VALUES_PER_THREAD);
+        let logits: Vec<f32> = (0..rows * vocab)
+            .map(|i| ((i * 7919) % 1009) as f32 * 0.01)
+            .collect();
+        for p in [
+            params(1.0, 0, 1.0),
+            params(0.7, 50, 1.0),
+            params(1.0, 200, 0.8),
+            SamplingParams {
+                greedy: true,
+                ..SamplingParams::default()
+            },
+        ] {
+            let mut rngs: Vec<ImageRng> = (0..images as u64).map(|i| ImageRng::new(3, i)).collect();
+            let mut tokens = vec![0; rows];
+            sample_block(&mut logits.clone(), vocab, &p, &mut rngs, &mut tokens).unwrap();
+            let mut rngs: Vec<ImageRng> = (0..images as u64).map(|i| ImageRng::new(3, i)).collect();
+            let one_by_one: Vec<u32> = logits
+                .chunks_exact(vocab)
+                .enumerate()
+                .map(|(row, values)| {
+                    sample_row(&mut values.to_vec(), &p, &mut rngs[row / positions]).unwrap()
+                })
+                .collect();
+            assert_eq!(tokens, one_by_one, "{p:?}");
+        }
     }
 
     #[test]
