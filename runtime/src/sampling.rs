@@ -269,8 +269,7 @@ pub fn sample_block<R: Rng>(
             .collect();
         workers
             .into_iter()
-            .map(|worker| worker.join().unwrap_or(Err(SamplingError::WorkerPanicked)))
-            .collect()
+            .try_for_each(|worker| worker.join().unwrap_or(Err(SamplingError::WorkerPanicked)))
     })
 }
 
