@@ -277,6 +277,7 @@ fn benches(c: &mut Criterion) {
             let options = OrtOptions {
                 library: Some(library),
                 intra_threads: Some(threads),
+                ..OrtOptions::default()
             };
             OrtEngine::load(&paths, &options)
         })

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use narx_graphs::larp::{self, LarpConfig};
 use narx_graphs::manifest::{
     Condition, DecoderFile, Family, GraphFile, Graphs, Head, KvCache, LarpDecoderFile, Manifest,
-    SamplingDefaults, WeightsFile, FORMAT_VERSION,
+    SamplingDefaults, TensorRtSettings, WeightsFile, FORMAT_VERSION,
 };
 use narx_graphs::nar::{self, names, ConditionKind, ModelConfig, NarSpec, ParamSource};
 use narx_graphs::vq::{self, VqConfig};
@@ -334,6 +334,7 @@ fn manifest(
         },
         sampling,
         tensorrt_profiles,
+        tensorrt: TensorRtSettings::default(),
         vq_decoder: None,
         larp_decoder: None,
     })

@@ -67,6 +67,9 @@ pub struct Manifest {
     pub sampling: SamplingDefaults,
     /// Per graph, per dynamic input: the shapes TensorRT should optimise for.
     pub tensorrt_profiles: BTreeMap<String, BTreeMap<String, ShapeProfile>>,
+    /// TensorRT builder settings `narx run --provider tensorrt` starts from (flags override).
+    #[serde(default)]
+    pub tensorrt: TensorRtSettings,
     /// The image tokenizer's decoder, when the export was given one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vq_decoder: Option<DecoderFile>,
@@ -186,6 +189,39 @@ pub struct SamplingDefaults {
     pub temperature: f32,
     pub top_k: usize,
     pub top_p: f32,
+}
+
+/// TensorRT settings stored with a model, so a deployed directory carries how its engines
+/// are to be built.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TensorRtSettings {
+    pub fp16: bool,
+    pub bf16: bool,
+    /// Most scratch memory per layer, in bytes; `None`: ONNX Runtime's default.
+    pub workspace_bytes: Option<u64>,
+    /// 0 (fast build) to 5 (longest search); TensorRT's default is 3.
+    pub builder_optimization_level: u8,
+    /// Engine cache folder, relative to the model directory; `None`: no cache.
+    pub engine_cache: Option<String>,
+    /// Timing cache folder, relative to the model directory; `None`: no cache.
+    pub timing_cache: Option<String>,
+}
+
+/// Where built TensorRT engines and the timing cache go inside a model directory.
+pub const TENSORRT_CACHE_DIR: &str = "trt-cache";
+
+impl Default for TensorRtSettings {
+    fn default() -> Self {
+        TensorRtSettings {
+            fp16: false,
+            bf16: false,
+            workspace_bytes: None,
+            builder_optimization_level: 3,
+            engine_cache: Some(TENSORRT_CACHE_DIR.into()),
+            timing_cache: Some(TENSORRT_CACHE_DIR.into()),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -18,6 +18,10 @@ pub enum RuntimeError {
     /// The ONNX Runtime shared library could not be found or loaded.
     #[error("ONNX Runtime library not available: {0}")]
     OrtLibrary(String),
+    /// An execution provider is missing from ONNX Runtime or cannot start (no GPU, a CUDA,
+    /// cuDNN or TensorRT library missing): the machine, not the input, is at fault.
+    #[error("{0}")]
+    Provider(String),
     /// A backend failed to load or run a graph.
     #[error("{backend}: {message}")]
     Backend { backend: String, message: String },
@@ -41,7 +45,9 @@ impl RuntimeError {
             RuntimeError::BadInput(_) | RuntimeError::OrtLibrary(_) => true,
             RuntimeError::Guidance(_) | RuntimeError::Sampling(_) => true,
             RuntimeError::Manifest(e) => !matches!(e, narx_graphs::GraphError::Io { .. }),
-            RuntimeError::Backend { .. } | RuntimeError::Plan(_) => false,
+            RuntimeError::Backend { .. } | RuntimeError::Plan(_) | RuntimeError::Provider(_) => {
+                false
+            }
         }
     }
 

@@ -1,10 +1,11 @@
 //! Opening a model directory on a chosen backend.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use narx_graphs::manifest::Manifest;
+use narx_graphs::manifest::{Manifest, TensorRtSettings};
 
-use crate::backend::ort::{find_library, OrtEngine, OrtOptions};
+use crate::backend::ort::{find_library, init, provider_available, OrtEngine, OrtOptions};
+use crate::backend::providers::{CudaOptions, ExecutionProvider, ProfileShapes, TensorRtOptions};
 use crate::backend::tract::TractEngine;
 use crate::backend::GraphKind;
 use crate::decode::Decoded;
@@ -15,12 +16,54 @@ use crate::RuntimeError;
 /// Which backend runs the model.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Provider {
-    /// ONNX Runtime if its library is found, else tract.
+    /// The best that starts: ONNX Runtime's TensorRT, then CUDA, then CPU provider, then
+    /// tract when no ONNX Runtime is found.
     Auto,
     /// tract, embedded.
     Tract,
     /// ONNX Runtime's CPU provider.
     Cpu,
+    /// ONNX Runtime's CUDA provider.
+    Cuda,
+    /// ONNX Runtime's TensorRT provider (with CUDA for what TensorRT does not take).
+    TensorRt,
+}
+
+/// GPU settings from the command line; what is unset comes from the manifest's
+/// [`narx_graphs::manifest::TensorRtSettings`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GpuOptions {
+    pub device_id: u32,
+    pub fp16: Option<bool>,
+    pub bf16: Option<bool>,
+    pub workspace_bytes: Option<u64>,
+    pub builder_optimization_level: Option<u8>,
+    /// Engine and timing caches here instead of the manifest's folders.
+    pub cache_dir: Option<PathBuf>,
+    /// No engine or timing cache.
+    pub no_cache: bool,
+}
+
+impl GpuOptions {
+    /// The TensorRT options for the model in `dir`: the manifest's settings, overridden.
+    pub fn tensorrt(&self, settings: &TensorRtSettings, dir: &Path) -> TensorRtOptions {
+        let cache = |folder: &Option<String>| match (&self.cache_dir, folder) {
+            _ if self.no_cache => None,
+            (Some(dir), _) => Some(dir.clone()),
+            (None, folder) => folder.as_ref().map(|f| dir.join(f)),
+        };
+        TensorRtOptions {
+            device_id: self.device_id,
+            fp16: self.fp16.unwrap_or(settings.fp16),
+            bf16: self.bf16.unwrap_or(settings.bf16),
+            workspace_bytes: self.workspace_bytes.or(settings.workspace_bytes),
+            builder_optimization_level: self
+                .builder_optimization_level
+                .unwrap_or(settings.builder_optimization_level),
+            engine_cache: cache(&settings.engine_cache),
+            timing_cache: cache(&settings.timing_cache),
+        }
+    }
 }
 
 /// What the model is opened for: which graphs to load.
@@ -39,6 +82,7 @@ pub struct LoadOptions {
     pub threads: Option<usize>,
     /// Generation order; `None` is the model's own (NAR's, or raster for LlamaGen).
     pub order: Option<Order>,
+    pub gpu: GpuOptions,
 }
 
 /// A generator on whichever backend was chosen.
@@ -82,26 +126,69 @@ impl AnyGenerator {
         if ort.intra_threads.is_none() {
             ort.intra_threads = options.threads;
         }
-        let (use_ort, note) = match provider {
-            Provider::Tract => (false, None),
-            Provider::Cpu => (true, None),
+        ort.profiles = [(GraphKind::Prefill, "prefill"), (GraphKind::Step, "step")]
+            .into_iter()
+            .filter_map(|(kind, name)| {
+                let profile = ProfileShapes::from_manifest(manifest.tensorrt_profiles.get(name)?)?;
+                Some((kind, profile))
+            })
+            .collect();
+        let cuda = ExecutionProvider::Cuda(CudaOptions {
+            device_id: options.gpu.device_id,
+        });
+        let tensorrt = ExecutionProvider::TensorRt(options.gpu.tensorrt(&manifest.tensorrt, dir));
+        if let ExecutionProvider::TensorRt(trt) = &tensorrt {
+            trt.validate()?;
+        }
+        // The candidates in order of preference; `auto` takes the first that starts.
+        let (candidates, mut note) = match provider {
+            Provider::Tract => (vec![None], None),
+            Provider::Cpu => (vec![Some(ExecutionProvider::Cpu)], None),
+            Provider::Cuda => (vec![Some(cuda)], None),
+            Provider::TensorRt => (vec![Some(tensorrt)], None),
             Provider::Auto => match find_library(ort.library.as_deref()) {
-                Ok(path) => (
-                    true,
-                    Some(format!("using ONNX Runtime ({})", path.display())),
-                ),
-                Err(e) => (false, Some(format!("using tract ({e})"))),
+                Ok(path) => {
+                    init(&path)?;
+                    let mut candidates = Vec::new();
+                    for gpu in [tensorrt, cuda] {
+                        if provider_available(&gpu)? {
+                            candidates.push(Some(gpu));
+                        }
+                    }
+                    candidates.push(Some(ExecutionProvider::Cpu));
+                    (
+                        candidates,
+                        Some(format!("ONNX Runtime at {}", path.display())),
+                    )
+                }
+                Err(e) => (vec![None], Some(format!("using tract ({e})"))),
             },
         };
         let order = options.order.unwrap_or_else(|| natural_order(&manifest));
-        let generator = if use_ort {
-            let engine = OrtEngine::load(&paths, &ort)?;
-            AnyGenerator::Ort(Generator::with_order(manifest, engine, order)?)
-        } else {
-            let engine = TractEngine::load(&paths, options.threads)?;
-            AnyGenerator::Tract(Generator::with_order(manifest, engine, order)?)
-        };
-        Ok((generator, note))
+        let last = candidates.len() - 1;
+        for (i, candidate) in candidates.into_iter().enumerate() {
+            let Some(execution_provider) = candidate else {
+                let engine = TractEngine::load(&paths, options.threads)?;
+                let generator = Generator::with_order(manifest, engine, order)?;
+                return Ok((AnyGenerator::Tract(generator), note));
+            };
+            let name = execution_provider.to_string();
+            ort.provider = execution_provider;
+            match OrtEngine::load(&paths, &ort) {
+                Ok(engine) => {
+                    let generator = Generator::with_order(manifest, engine, order)?;
+                    let note = note.map(|n| format!("using the {name} provider of {n}"));
+                    return Ok((AnyGenerator::Ort(generator), note));
+                }
+                // `auto` says why it moves on; an explicit provider fails.
+                Err(RuntimeError::Provider(why)) if i < last => {
+                    eprintln!("narx: not using {name}: {why}");
+                    note = note.map(|n| format!("{n} (after {name} failed)"));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        unreachable!("the last candidate returns")
     }
 
     pub fn manifest(&self) -> &Manifest {

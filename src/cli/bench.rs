@@ -16,8 +16,9 @@ use narx_runtime::generate::{Generation, Prompts};
 use narx_runtime::guidance::uses_uncond_half;
 use narx_runtime::load::{AnyGenerator, Purpose};
 
+use super::backend::BackendArgs;
 use super::export::model_config;
-use super::run::{BackendArgs, OrderArg, SamplingArgs};
+use super::run::{OrderArg, SamplingArgs};
 use super::BadInput;
 
 #[derive(Args)]

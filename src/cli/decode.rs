@@ -5,8 +5,8 @@ use std::path::PathBuf;
 
 use clap::Args;
 
+use super::backend::BackendArgs;
 use super::output::OutputArgs;
-use super::run::BackendArgs;
 use super::BadInput;
 use narx_graphs::manifest::Manifest;
 use narx_runtime::load::Purpose;

@@ -16,7 +16,8 @@ use narx_runtime::generate::Prompts;
 use narx_runtime::load::Purpose;
 use narx_runtime::picture::write_png;
 
-use super::run::{generate_with_progress, write_trace, BackendArgs, SamplingArgs};
+use super::backend::BackendArgs;
+use super::run::{generate_with_progress, write_trace, SamplingArgs};
 use super::BadInput;
 
 #[derive(Args)]

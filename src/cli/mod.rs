@@ -1,5 +1,6 @@
 //! The command line: one file per subcommand.
 
+mod backend;
 mod bench;
 mod decode;
 mod demo;

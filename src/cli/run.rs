@@ -8,11 +8,11 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use narx_export::checkpoint::{SafetensorsFile, TensorSource};
 use narx_graphs::manifest::{Condition, Manifest};
-use narx_runtime::backend::ort::OrtOptions;
 use narx_runtime::generate::{GenerateOptions, Generation, Prompts};
-use narx_runtime::load::{AnyGenerator, LoadOptions, Provider, Purpose};
+use narx_runtime::load::{AnyGenerator, Purpose};
 use narx_runtime::sampling::SamplingParams;
 
+use super::backend::BackendArgs;
 use super::output::{require_decoder, OutputArgs};
 use super::{write_atomically, BadInput};
 use narx_runtime::decode::Decoded;
@@ -64,60 +64,6 @@ impl OrderArg {
             OrderArg::Nar => Order::Nar,
             OrderArg::Raster => Order::Raster,
         }
-    }
-}
-
-/// Which backend runs the model, and how.
-#[derive(Args)]
-pub struct BackendArgs {
-    /// auto: ONNX Runtime if its library is found, else tract.
-    #[arg(long, value_enum, default_value = "auto")]
-    provider: ProviderArg,
-    /// ONNX Runtime shared library (else ORT_DYLIB_PATH, else the usual places).
-    #[arg(long)]
-    ort_lib: Option<PathBuf>,
-    /// Worker threads (default: all cores).
-    #[arg(long)]
-    threads: Option<usize>,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum ProviderArg {
-    Auto,
-    Tract,
-    Cpu,
-}
-
-impl BackendArgs {
-    /// Opens the model to generate in `order` (`None`: the model's own); says on stderr
-    /// which backend `auto` picked.
-    pub fn open(
-        &self,
-        dir: &Path,
-        purpose: Purpose,
-        order: Option<Order>,
-    ) -> anyhow::Result<AnyGenerator> {
-        if self.threads == Some(0) {
-            return Err(BadInput("--threads must be at least 1".into()).into());
-        }
-        let provider = match self.provider {
-            ProviderArg::Auto => Provider::Auto,
-            ProviderArg::Tract => Provider::Tract,
-            ProviderArg::Cpu => Provider::Cpu,
-        };
-        let options = LoadOptions {
-            ort: OrtOptions {
-                library: self.ort_lib.clone(),
-                intra_threads: self.threads,
-            },
-            threads: self.threads,
-            order,
-        };
-        let (generator, note) = AnyGenerator::open(dir, provider, &options, purpose)?;
-        if let Some(note) = note {
-            eprintln!("narx: {note}");
-        }
-        Ok(generator)
     }
 }
 

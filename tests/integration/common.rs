@@ -144,6 +144,7 @@ pub fn ort_engine(dir: &Path) -> OrtEngine {
     let options = OrtOptions {
         library: Some(ort_library()),
         intra_threads: Some(2),
+        ..OrtOptions::default()
     };
     OrtEngine::load(&graph_paths(dir).as_paths(), &options).unwrap()
 }

@@ -5,6 +5,7 @@
 mod bad_input;
 mod cli;
 mod common;
+mod gpu;
 mod graphs;
 mod parity;
 mod pictures;

@@ -3,9 +3,11 @@
 //! is handed from one call's outputs to the next call's inputs without a host copy.
 //!
 //! - `tract`: embedded, pure Rust, always available.
-//! - `ort`: ONNX Runtime, loaded at run time from its shared library (CPU provider now).
+//! - `ort`: ONNX Runtime, loaded at run time from its shared library, on its CPU, CUDA or
+//!   TensorRT execution provider (`providers`).
 
 pub mod ort;
+pub mod providers;
 pub mod tract;
 
 use std::collections::HashMap;

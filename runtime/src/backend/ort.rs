@@ -1,4 +1,4 @@
-//! ONNX Runtime backend, CPU provider.
+//! ONNX Runtime backend: the CPU, CUDA and TensorRT execution providers.
 //!
 //! The ONNX Runtime shared library is not linked at build time: it is found at run time
 //! ([`find_library`]) and loaded once per process ([`init`]), so one narx binary works with the
@@ -14,10 +14,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use ort::environment::Environment;
-use ort::session::builder::GraphOptimizationLevel;
+use ort::ep::{self, ArbitrarilyConfigurableExecutionProvider, ExecutionProvider as _};
+use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
 use ort::session::Session;
 use ort::value::{DynValue, Tensor, TensorElementType, ValueType};
 
+use super::providers::{CudaOptions, ExecutionProvider, ProfileShapes, TensorRtOptions};
 use super::{Engine, GraphKind, GraphPaths, HostTensor};
 use crate::RuntimeError;
 
@@ -25,12 +27,26 @@ use crate::RuntimeError;
 const BACKEND: &str = "onnxruntime";
 
 /// How to load ONNX Runtime.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct OrtOptions {
     /// The shared library (`--ort-lib`); `None` searches for it (see [`find_library`]).
     pub library: Option<PathBuf>,
     /// Intra-op threads per session; `None` lets ONNX Runtime decide (one per physical core).
     pub intra_threads: Option<usize>,
+    pub provider: ExecutionProvider,
+    /// TensorRT optimisation profiles per graph (from the manifest).
+    pub profiles: Vec<(GraphKind, ProfileShapes)>,
+}
+
+impl Default for OrtOptions {
+    fn default() -> Self {
+        OrtOptions {
+            library: None,
+            intra_threads: None,
+            provider: ExecutionProvider::Cpu,
+            profiles: Vec::new(),
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -352,24 +368,45 @@ fn build_environment(
 // The engine
 // ---------------------------------------------------------------------------------------------
 
-/// A model's graphs as ONNX Runtime sessions on the CPU provider.
+/// A model's graphs as ONNX Runtime sessions on one execution provider.
 pub struct OrtEngine {
     sessions: HashMap<GraphKind, Session>,
     library: PathBuf,
+    provider: String,
 }
 
 impl OrtEngine {
     /// Finds and loads ONNX Runtime (see [`find_library`], [`init`]) and creates one session
     /// per graph. Sessions are created from the files, so ONNX Runtime resolves the external
     /// data (`weights.bin`) next to them and can memory-map it.
+    ///
+    /// A GPU provider that this ONNX Runtime does not have, or that cannot start (no GPU, a
+    /// CUDA, cuDNN or TensorRT library missing), is an error naming what is missing
+    /// ([`RuntimeError::Provider`]); narx never falls back to the CPU behind the user's back.
     pub fn load(paths: &GraphPaths, options: &OrtOptions) -> Result<Self, RuntimeError> {
         let library = find_library(options.library.as_deref())?;
         let environment = environment(&library)?;
+        check_available(&options.provider, &library)?;
+        if let ExecutionProvider::TensorRt(trt) = &options.provider {
+            create_cache_dirs(trt)?;
+        }
         let sessions = paths
             .iter()
-            .map(|&(kind, path)| Ok((kind, session(&environment, kind, path, options)?)))
+            .map(|&(kind, path)| {
+                let profile = options
+                    .profiles
+                    .iter()
+                    .find(|(k, _)| *k == kind)
+                    .map(|(_, p)| p);
+                let session = session(&environment, kind, path, options, profile, &library)?;
+                Ok((kind, session))
+            })
             .collect::<Result<_, RuntimeError>>()?;
-        Ok(OrtEngine { sessions, library })
+        Ok(OrtEngine {
+            sessions,
+            library,
+            provider: options.provider.to_string(),
+        })
     }
 
     /// The ONNX Runtime library in use.
@@ -378,11 +415,91 @@ impl OrtEngine {
     }
 }
 
+/// Whether the loaded library was built with `provider`.
+pub fn provider_available(provider: &ExecutionProvider) -> Result<bool, RuntimeError> {
+    let available = match provider {
+        ExecutionProvider::Cpu => Ok(true),
+        ExecutionProvider::Cuda(_) => ep::CUDA::is_available(),
+        ExecutionProvider::TensorRt(_) => ep::TensorRT::is_available(),
+    };
+    available.map_err(|e| RuntimeError::backend(BACKEND, format!("listing providers: {e}")))
+}
+
+fn check_available(provider: &ExecutionProvider, library: &Path) -> Result<(), RuntimeError> {
+    if provider_available(provider)? {
+        return Ok(());
+    }
+    Err(RuntimeError::Provider(format!(
+        "the ONNX Runtime at {} has no {} (it is a build without it, e.g. the CPU-only \
+         `onnxruntime` wheel). Point narx at a GPU build with --ort-lib or ORT_DYLIB_PATH: \
+         `pip install onnxruntime-gpu` (<site-packages>/onnxruntime/capi/), or JetPack's \
+         ONNX Runtime on a Jetson; {} also needs {}",
+        library.display(),
+        provider.ort_name(),
+        provider,
+        provider.needs()
+    )))
+}
+
+/// Creates the TensorRT cache folders, so an unwritable model directory is reported here
+/// rather than as a failed engine build.
+fn create_cache_dirs(options: &TensorRtOptions) -> Result<(), RuntimeError> {
+    for dir in options.engine_cache.iter().chain(&options.timing_cache) {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            RuntimeError::BadInput(format!(
+                "cannot create the TensorRT cache folder {} ({e}); pass --trt-cache DIR \
+                 or --no-trt-cache",
+                dir.display()
+            ))
+        })?;
+    }
+    Ok(())
+}
+
+/// Registers `provider` on a session builder; failure to start it is an error.
+fn with_provider(
+    builder: SessionBuilder,
+    provider: &ExecutionProvider,
+    profile: Option<&ProfileShapes>,
+) -> ort::Result<SessionBuilder> {
+    let dispatch = match provider {
+        ExecutionProvider::Cpu => return Ok(builder),
+        ExecutionProvider::Cuda(options) => vec![cuda(options)],
+        // Nodes TensorRT does not take run on CUDA, on the same device, not on the CPU.
+        ExecutionProvider::TensorRt(options) => {
+            let trt = options
+                .provider_options(profile)
+                .into_iter()
+                .fold(ep::TensorRT::default(), |ep, (k, v)| {
+                    ep.with_arbitrary_config(k, v)
+                });
+            let fallback = CudaOptions {
+                device_id: options.device_id,
+            };
+            vec![trt.build().error_on_failure(), cuda(&fallback)]
+        }
+    };
+    Ok(builder.with_execution_providers(dispatch)?)
+}
+
+fn cuda(options: &CudaOptions) -> ep::ExecutionProviderDispatch {
+    options
+        .provider_options()
+        .into_iter()
+        .fold(ep::CUDA::default(), |ep, (k, v)| {
+            ep.with_arbitrary_config(k, v)
+        })
+        .build()
+        .error_on_failure()
+}
+
 fn session(
     environment: &Environment,
     graph: GraphKind,
     path: &Path,
     options: &OrtOptions,
+    profile: Option<&ProfileShapes>,
+    library: &Path,
 ) -> Result<Session, RuntimeError> {
     let fail = |what: &str, e: &dyn std::fmt::Display| {
         RuntimeError::backend(
@@ -396,12 +513,21 @@ fn session(
         .map_err(|e| fail("creating session options", &e))?
         .with_optimization_level(GraphOptimizationLevel::All)
         .map_err(|e| fail("setting the optimisation level", &e))?;
-    let mut builder = match options.intra_threads {
+    let builder = match options.intra_threads {
         Some(n) => builder
             .with_intra_threads(n)
             .map_err(|e| fail("setting intra-op threads", &e))?,
         None => builder,
     };
+    let mut builder = with_provider(builder, &options.provider, profile).map_err(|e| {
+        RuntimeError::Provider(format!(
+            "the {} provider of the ONNX Runtime at {} could not start: {e}. It needs {}; \
+             check that the GPU is visible and those libraries are on LD_LIBRARY_PATH",
+            options.provider,
+            library.display(),
+            options.provider.needs()
+        ))
+    })?;
     builder
         .commit_from_file(path)
         .map_err(|e| fail("loading", &e))
@@ -411,7 +537,7 @@ impl Engine for OrtEngine {
     type Value = DynValue;
 
     fn name(&self) -> String {
-        "onnxruntime-cpu".to_string()
+        format!("onnxruntime-{}", self.provider)
     }
 
     fn upload(&self, tensor: HostTensor) -> Result<DynValue, RuntimeError> {
@@ -658,6 +784,7 @@ mod tests {
         let options = OrtOptions {
             library: Some(library),
             intra_threads: Some(1),
+            ..OrtOptions::default()
         };
         OrtEngine::load(&paths, &options).unwrap()
     }
@@ -774,6 +901,7 @@ mod tests {
         let options = OrtOptions {
             library: Some(library),
             intra_threads: None,
+            ..OrtOptions::default()
         };
         let message = error_of(OrtEngine::load(&paths, &options));
         assert!(

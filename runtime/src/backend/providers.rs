@@ -1,0 +1,296 @@
+//! ONNX Runtime's execution providers: CPU, CUDA and TensorRT, the options narx exposes for
+//! them, and the exact provider-option keys ONNX Runtime takes (`OrtCUDAProviderOptionsV2`,
+//! `OrtTensorRTProviderOptionsV2`).
+//!
+//! The mapping to keys is a plain function so that it is tested on machines without a GPU;
+//! [`super::ort`] registers the result.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+
+use narx_graphs::manifest::ShapeProfile;
+
+use crate::RuntimeError;
+
+/// Which ONNX Runtime execution provider runs a session.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ExecutionProvider {
+    Cpu,
+    Cuda(CudaOptions),
+    TensorRt(TensorRtOptions),
+}
+
+impl ExecutionProvider {
+    /// ONNX Runtime's name for the provider, as `GetAvailableProviders` lists it.
+    pub fn ort_name(&self) -> &'static str {
+        match self {
+            ExecutionProvider::Cpu => "CPUExecutionProvider",
+            ExecutionProvider::Cuda(_) => "CUDAExecutionProvider",
+            ExecutionProvider::TensorRt(_) => "TensorrtExecutionProvider",
+        }
+    }
+
+    /// What the provider needs besides ONNX Runtime itself, for error messages.
+    pub fn needs(&self) -> &'static str {
+        match self {
+            ExecutionProvider::Cpu => "nothing else",
+            ExecutionProvider::Cuda(_) => {
+                "an NVIDIA GPU with its driver, the CUDA runtime and cuDNN libraries"
+            }
+            ExecutionProvider::TensorRt(_) => {
+                "an NVIDIA GPU with its driver, the CUDA runtime, cuDNN and TensorRT libraries"
+            }
+        }
+    }
+}
+
+impl fmt::Display for ExecutionProvider {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ExecutionProvider::Cpu => "cpu",
+            ExecutionProvider::Cuda(_) => "cuda",
+            ExecutionProvider::TensorRt(_) => "tensorrt",
+        })
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CudaOptions {
+    pub device_id: u32,
+}
+
+impl CudaOptions {
+    /// `OrtCUDAProviderOptionsV2` keys and values.
+    pub fn provider_options(&self) -> Vec<(&'static str, String)> {
+        vec![("device_id", self.device_id.to_string())]
+    }
+}
+
+/// TensorRT's builder optimisation levels (0 builds fastest, 5 searches longest).
+pub const MAX_BUILDER_OPTIMIZATION_LEVEL: u8 = 5;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TensorRtOptions {
+    pub device_id: u32,
+    /// Let TensorRT choose float16 kernels.
+    pub fp16: bool,
+    /// Let TensorRT choose bfloat16 kernels.
+    pub bf16: bool,
+    /// Most scratch memory a TensorRT layer may use, in bytes (`None`: ONNX Runtime's default).
+    pub workspace_bytes: Option<u64>,
+    /// 0 to 5; TensorRT's default is 3.
+    pub builder_optimization_level: u8,
+    /// Folder for built engines, so later runs load them instead of rebuilding (minutes for
+    /// a large model); `None` turns the cache off.
+    pub engine_cache: Option<PathBuf>,
+    /// Folder for TensorRT's timing cache, which speeds up building engines for other shapes;
+    /// `None` turns it off.
+    pub timing_cache: Option<PathBuf>,
+}
+
+impl Default for TensorRtOptions {
+    fn default() -> Self {
+        TensorRtOptions {
+            device_id: 0,
+            fp16: false,
+            bf16: false,
+            workspace_bytes: None,
+            builder_optimization_level: 3,
+            engine_cache: None,
+            timing_cache: None,
+        }
+    }
+}
+
+impl TensorRtOptions {
+    pub fn validate(&self) -> Result<(), RuntimeError> {
+        if self.builder_optimization_level > MAX_BUILDER_OPTIMIZATION_LEVEL {
+            return Err(RuntimeError::BadInput(format!(
+                "TensorRT builder optimisation level {} is out of range 0..={}",
+                self.builder_optimization_level, MAX_BUILDER_OPTIMIZATION_LEVEL
+            )));
+        }
+        if self.workspace_bytes == Some(0) {
+            return Err(RuntimeError::BadInput(
+                "the TensorRT workspace must be larger than 0".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// `OrtTensorRTProviderOptionsV2` keys and values for one session, with the shape
+    /// profile of its graph so that TensorRT builds one engine for the whole range of shapes
+    /// a generation goes through instead of rebuilding mid-generation.
+    pub fn provider_options(&self, profile: Option<&ProfileShapes>) -> Vec<(&'static str, String)> {
+        let flag = |on: bool| if on { "1" } else { "0" }.to_string();
+        let mut options = vec![
+            ("device_id", self.device_id.to_string()),
+            ("trt_fp16_enable", flag(self.fp16)),
+            ("trt_bf16_enable", flag(self.bf16)),
+            (
+                "trt_builder_optimization_level",
+                self.builder_optimization_level.to_string(),
+            ),
+            ("trt_engine_cache_enable", flag(self.engine_cache.is_some())),
+            ("trt_timing_cache_enable", flag(self.timing_cache.is_some())),
+        ];
+        if let Some(bytes) = self.workspace_bytes {
+            options.push(("trt_max_workspace_size", bytes.to_string()));
+        }
+        if let Some(dir) = &self.engine_cache {
+            options.push(("trt_engine_cache_path", dir.display().to_string()));
+        }
+        if let Some(dir) = &self.timing_cache {
+            options.push(("trt_timing_cache_path", dir.display().to_string()));
+        }
+        if let Some(profile) = profile {
+            options.push(("trt_profile_min_shapes", profile.min.clone()));
+            options.push(("trt_profile_opt_shapes", profile.opt.clone()));
+            options.push(("trt_profile_max_shapes", profile.max.clone()));
+        }
+        options
+    }
+}
+
+/// One graph's optimisation profile in ONNX Runtime's TensorRT syntax:
+/// `name:d0xd1x…,name:…` for the minimum, optimum and maximum shapes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProfileShapes {
+    pub min: String,
+    pub opt: String,
+    pub max: String,
+}
+
+impl ProfileShapes {
+    /// From the manifest's profiles of one graph (input name → min/opt/max); `None` when the
+    /// graph has no dynamic input.
+    pub fn from_manifest(profiles: &BTreeMap<String, ShapeProfile>) -> Option<Self> {
+        if profiles.is_empty() {
+            return None;
+        }
+        let join = |pick: fn(&ShapeProfile) -> &Vec<usize>| {
+            profiles
+                .iter()
+                .map(|(name, profile)| {
+                    let dims: Vec<String> = pick(profile).iter().map(usize::to_string).collect();
+                    format!("{name}:{}", dims.join("x"))
+                })
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        Some(ProfileShapes {
+            min: join(|p| &p.min),
+            opt: join(|p| &p.opt),
+            max: join(|p| &p.max),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn profile(min: &[usize], opt: &[usize], max: &[usize]) -> ShapeProfile {
+        ShapeProfile {
+            min: min.to_vec(),
+            opt: opt.to_vec(),
+            max: max.to_vec(),
+        }
+    }
+
+    #[test]
+    fn profile_strings_use_onnxruntime_syntax() {
+        let profiles: BTreeMap<String, ShapeProfile> = [
+            ("tokens".to_string(), profile(&[1, 1], &[2, 16], &[16, 16])),
+            (
+                "past.0.key".to_string(),
+                profile(&[1, 12, 1, 64], &[2, 12, 129, 64], &[16, 12, 256, 64]),
+            ),
+        ]
+        .into_iter()
+        .collect();
+        let shapes = ProfileShapes::from_manifest(&profiles).unwrap();
+        assert_eq!(shapes.min, "past.0.key:1x12x1x64,tokens:1x1");
+        assert_eq!(shapes.opt, "past.0.key:2x12x129x64,tokens:2x16");
+        assert_eq!(shapes.max, "past.0.key:16x12x256x64,tokens:16x16");
+        assert!(ProfileShapes::from_manifest(&BTreeMap::new()).is_none());
+    }
+
+    #[test]
+    fn tensorrt_options_map_to_onnxruntime_keys() {
+        let options = TensorRtOptions {
+            device_id: 1,
+            fp16: true,
+            bf16: false,
+            workspace_bytes: Some(2 << 30),
+            builder_optimization_level: 5,
+            engine_cache: Some(PathBuf::from("/models/b/trt-cache")),
+            timing_cache: Some(PathBuf::from("/models/b/trt-cache")),
+        };
+        let shapes = ProfileShapes {
+            min: "tokens:1x1".into(),
+            opt: "tokens:2x8".into(),
+            max: "tokens:16x16".into(),
+        };
+        let got: BTreeMap<&str, String> = options
+            .provider_options(Some(&shapes))
+            .into_iter()
+            .collect();
+        let want: BTreeMap<&str, String> = [
+            ("device_id", "1"),
+            ("trt_fp16_enable", "1"),
+            ("trt_bf16_enable", "0"),
+            ("trt_builder_optimization_level", "5"),
+            ("trt_max_workspace_size", "2147483648"),
+            ("trt_engine_cache_enable", "1"),
+            ("trt_engine_cache_path", "/models/b/trt-cache"),
+            ("trt_timing_cache_enable", "1"),
+            ("trt_timing_cache_path", "/models/b/trt-cache"),
+            ("trt_profile_min_shapes", "tokens:1x1"),
+            ("trt_profile_opt_shapes", "tokens:2x8"),
+            ("trt_profile_max_shapes", "tokens:16x16"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k, v.to_string()))
+        .collect();
+        assert_eq!(got, want);
+
+        // Caches off and no profile: no paths, no shapes, no workspace key.
+        let plain: BTreeMap<&str, String> = TensorRtOptions::default()
+            .provider_options(None)
+            .into_iter()
+            .collect();
+        assert_eq!(plain["trt_engine_cache_enable"], "0");
+        assert_eq!(plain["trt_builder_optimization_level"], "3");
+        assert!(!plain.contains_key("trt_engine_cache_path"));
+        assert!(!plain.contains_key("trt_profile_min_shapes"));
+        assert!(!plain.contains_key("trt_max_workspace_size"));
+    }
+
+    #[test]
+    fn tensorrt_options_are_checked() {
+        let level = TensorRtOptions {
+            builder_optimization_level: 6,
+            ..TensorRtOptions::default()
+        };
+        assert!(matches!(level.validate(), Err(RuntimeError::BadInput(_))));
+        let workspace = TensorRtOptions {
+            workspace_bytes: Some(0),
+            ..TensorRtOptions::default()
+        };
+        assert!(matches!(
+            workspace.validate(),
+            Err(RuntimeError::BadInput(_))
+        ));
+        assert!(TensorRtOptions::default().validate().is_ok());
+    }
+
+    #[test]
+    fn cuda_options_map_to_onnxruntime_keys() {
+        assert_eq!(
+            CudaOptions { device_id: 3 }.provider_options(),
+            vec![("device_id", "3".to_string())]
+        );
+    }
+}
