@@ -1,9 +1,10 @@
 //! From checkpoints to model directories: checkpoint readers (safetensors, PyTorch `.pt`),
-//! presets, and `narx export`, which writes the ONNX graphs, one weight file and the
-//! manifest.
+//! presets, `narx export`, which writes the ONNX graphs, one weight file and the manifest,
+//! and `narx package`, which bundles a model directory for a deployment target.
 
 pub mod checkpoint;
 pub mod model_dir;
+pub mod package;
 pub mod presets;
 pub mod random;
 

@@ -341,14 +341,14 @@ fn manifest(
 }
 
 /// A temporary sibling directory that becomes the output on `commit` and is removed otherwise.
-struct Staging {
+pub(crate) struct Staging {
     temp: PathBuf,
     output: PathBuf,
     committed: bool,
 }
 
 impl Staging {
-    fn new(output: &Path, force: bool) -> Result<Self, ExportError> {
+    pub(crate) fn new(output: &Path, force: bool) -> Result<Self, ExportError> {
         let out_err = |message: String| ExportError::Output {
             path: output.display().to_string(),
             message,
@@ -387,11 +387,11 @@ impl Staging {
         })
     }
 
-    fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.temp
     }
 
-    fn commit(mut self) -> Result<(), ExportError> {
+    pub(crate) fn commit(mut self) -> Result<(), ExportError> {
         let io = |e: std::io::Error| ExportError::Output {
             path: self.output.display().to_string(),
             message: e.to_string(),

@@ -7,6 +7,7 @@ mod demo;
 mod export;
 mod inspect;
 mod output;
+mod package;
 mod run;
 
 use clap::{Parser, Subcommand};
@@ -39,6 +40,8 @@ enum Command {
     Decode(decode::DecodeArgs),
     /// Show what a model directory holds.
     Inspect(inspect::InspectArgs),
+    /// Bundle a model directory for a board: graphs, weights, TensorRT engines, a README.
+    Package(package::PackageArgs),
     /// Build a small random-weight model, export it and generate: the whole pipeline with
     /// nothing downloaded.
     Demo(demo::DemoArgs),
@@ -51,6 +54,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(args) => bench::run(args),
         Command::Decode(args) => decode::run(args),
         Command::Inspect(args) => inspect::run(args),
+        Command::Package(args) => package::run(args),
         Command::Demo(args) => demo::run(args),
     }
 }

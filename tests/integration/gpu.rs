@@ -1,6 +1,7 @@
 //! The GPU paths as far as a machine without a GPU can take them: the TensorRT profile
 //! strings and settings a real export produces, and the errors when a GPU provider is asked
-//! for where there is none. (`scripts/gpu-check.sh` runs the rest on a GPU.)
+//! for where there is none, and bundles for boards. (`scripts/gpu-check.sh` runs the rest on
+//! a GPU.)
 
 use narx_graphs::manifest::Manifest;
 use narx_graphs::DType;
@@ -93,4 +94,123 @@ fn gpu_providers_without_a_gpu_build_fail_with_what_is_missing() {
     let output = narx(&["run", dir_arg, "--class", "1"]);
     assert!(output.status.success(), "{}", stderr(&output));
     assert!(stderr(&output).contains("using the cpu provider of ONNX Runtime"));
+}
+
+#[test]
+fn packages_are_complete_bundles_that_run() {
+    let temp = tempfile::tempdir().unwrap();
+    let t = temp.path();
+    let dir = t.join("model");
+    export_fixture("nar-c2i-tiny", "model.safetensors", &dir, DType::F32);
+    // An engine a GPU run left behind goes along.
+    std::fs::create_dir(dir.join("trt-cache")).unwrap();
+    std::fs::write(dir.join("trt-cache/step_sm90.engine"), b"engine bytes").unwrap();
+
+    let tar_path = t.join("board.tar");
+    let output = narx(&[
+        "package",
+        dir.to_str().unwrap(),
+        "-o",
+        tar_path.to_str().unwrap(),
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let mut archive = tar::Archive::new(std::fs::File::open(&tar_path).unwrap());
+    let mut names: Vec<String> = archive
+        .entries()
+        .unwrap()
+        .map(|e| e.unwrap().path().unwrap().display().to_string())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "board/README.md",
+            "board/narx.json",
+            "board/prefill.onnx",
+            "board/step.onnx",
+            "board/trt-cache/step_sm90.engine",
+            "board/weights.bin",
+        ]
+    );
+
+    // Unpacked, it is a model directory that runs; its README names the runtime it expects.
+    let unpacked = t.join("unpacked");
+    tar::Archive::new(std::fs::File::open(&tar_path).unwrap())
+        .unpack(&unpacked)
+        .unwrap();
+    let bundle = unpacked.join("board");
+    let readme = std::fs::read_to_string(bundle.join("README.md")).unwrap();
+    for needle in [
+        "1.17 or newer",
+        "onnxruntime-gpu",
+        "JetPack",
+        "Prebuilt TensorRT engines",
+    ] {
+        assert!(
+            readme.contains(needle),
+            "README lacks {needle:?}:\n{readme}"
+        );
+    }
+    let output = narx(&[
+        "run",
+        bundle.to_str().unwrap(),
+        "--class",
+        "3",
+        "--provider",
+        "tract",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+
+    // A directory bundle holds the same files; an existing bundle is kept unless --force.
+    let as_dir = t.join("board-dir");
+    for extra in [&[][..], &["--force"][..]] {
+        let mut args = vec![
+            "package",
+            dir.to_str().unwrap(),
+            "-o",
+            as_dir.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let output = narx(&args);
+        assert!(output.status.success(), "{}", stderr(&output));
+    }
+    assert!(as_dir.join("trt-cache/step_sm90.engine").is_file());
+    let again = narx(&[
+        "package",
+        dir.to_str().unwrap(),
+        "-o",
+        tar_path.to_str().unwrap(),
+    ]);
+    assert_eq!(again.status.code(), Some(2), "{}", stderr(&again));
+    assert!(stderr(&again).contains("--force"));
+
+    // A truncated weights file is refused before anything is written.
+    let broken = t.join("broken");
+    std::fs::create_dir(&broken).unwrap();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_file() {
+            std::fs::copy(entry.path(), broken.join(entry.file_name())).unwrap();
+        }
+    }
+    let weights = std::fs::OpenOptions::new()
+        .write(true)
+        .open(broken.join("weights.bin"))
+        .unwrap();
+    weights.set_len(100).unwrap();
+    let out = t.join("broken.tar");
+    let output = narx(&[
+        "package",
+        broken.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    assert!(stderr(&output).contains("weights.bin"));
+    assert!(!out.exists());
+    assert!(std::fs::read_dir(t).unwrap().all(|e| !e
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .contains("partial")));
 }
