@@ -10,12 +10,13 @@ CPU with the same number of threads: upstream's eager `generate` (as `sample_c2i
 it, without torch.compile), and narx on ONNX Runtime CPU (and tract with --tract). Each
 figure is the median and the best of --repeat timed runs after one warm-up run.
 
-PyTorch is installed with pip if it is missing (the CPU wheel from download.pytorch.org,
-else PyPI). The narx binary is built with `cargo build --release` unless --narx names one.
+PyTorch and tqdm are installed with pip if they are missing (PyTorch's CPU wheel from
+download.pytorch.org, else PyPI). The narx binary is built with `cargo build --release` unless --narx names one.
 Runs on a shared machine vary by 15% or more: compare figures from the same run only.
 """
 
 import argparse
+import contextlib
 import importlib
 import json
 import os
@@ -27,15 +28,22 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+PIP = [sys.executable, "-m", "pip", "install", "--quiet"]
+
+
 def ensure_torch():
+    """PyTorch and what upstream's generation code imports besides it (tqdm)."""
+    try:
+        importlib.import_module("tqdm")
+    except ImportError:
+        subprocess.check_call(PIP + ["tqdm"])
     try:
         return importlib.import_module("torch")
     except ImportError:
         pass
-    pip = [sys.executable, "-m", "pip", "install", "--quiet"]
-    cpu_wheel = pip + ["torch", "--index-url", "https://download.pytorch.org/whl/cpu"]
+    cpu_wheel = PIP + ["torch", "--index-url", "https://download.pytorch.org/whl/cpu"]
     if subprocess.call(cpu_wheel) != 0:
-        subprocess.check_call(pip + ["torch"])
+        subprocess.check_call(PIP + ["torch"])
     return importlib.import_module("torch")
 
 
@@ -64,10 +72,12 @@ def upstream(nar, batch, grid, repeat, threads, seed):
     labels = torch.tensor([(207 + 97 * i) % 1000 for i in range(batch)])
 
     def run():
-        started = time.perf_counter()
-        generate(model, labels, grid * grid, cfg_scale=4.0, cfg_interval=-1,
-                 temperature=1.0, top_k=2000, top_p=1.0, sample_logits=True)
-        return time.perf_counter() - started
+        # Upstream's loop draws a tqdm progress bar on stderr; keep the report readable.
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull):
+            started = time.perf_counter()
+            generate(model, labels, grid * grid, cfg_scale=4.0, cfg_interval=-1,
+                     temperature=1.0, top_k=2000, top_p=1.0, sample_logits=True)
+            return time.perf_counter() - started
 
     run()  # warm-up
     return [run() for _ in range(repeat)]

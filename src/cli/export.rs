@@ -6,9 +6,10 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::{Args, ValueEnum};
 
-use narx_export::checkpoint::open_checkpoint;
+use narx_export::checkpoint::{open_checkpoint, TensorSource};
 use narx_export::model_dir::{export, ExportRequest, LarpRequest, VqRequest};
 use narx_export::presets::{preset, preset_names};
+use narx_export::random::random_weights;
 use narx_graphs::larp::LarpConfig;
 use narx_graphs::nar::ModelConfig;
 use narx_graphs::vq::VqConfig;
@@ -19,8 +20,12 @@ use super::BadInput;
 #[derive(Args)]
 pub struct ExportArgs {
     /// Checkpoint: safetensors, or a PyTorch `.pt`/`.pth` (read without running any code).
-    #[arg(long)]
-    checkpoint: PathBuf,
+    #[arg(long, required_unless_present = "random_weights")]
+    checkpoint: Option<PathBuf>,
+    /// Seeded random weights instead of a checkpoint, to measure or try a shape (the model
+    /// generates noise).
+    #[arg(long, conflicts_with = "checkpoint")]
+    random_weights: bool,
     /// Model shape: nar-b, nar-m, nar-l, nar-xl, nar-xxl (c2i), nar-xl-t2i, a LlamaGen c2i
     /// model llamagen-{b,l,xl,xxl,3b}, or a video model nar-video-{s,b,l,lp,xl,xxl,xxxl}.
     #[arg(long, conflicts_with = "config", required_unless_present = "config")]
@@ -130,7 +135,14 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
         return Err(BadInput("--grid must be at least 1".into()).into());
     }
     let started = Instant::now();
-    let source = open_checkpoint(&args.checkpoint)?;
+    let source: Box<dyn TensorSource> = match &args.checkpoint {
+        Some(path) => open_checkpoint(path)?,
+        None => Box::new(random_weights(&model.parameters(), 0)),
+    };
+    let origin = args
+        .checkpoint
+        .as_ref()
+        .map_or("random weights".into(), |p| p.display().to_string());
     let vq_source = args
         .vq_checkpoint
         .as_deref()
@@ -160,7 +172,7 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
                 config,
             }),
     })
-    .with_context(|| format!("exporting {}", args.checkpoint.display()))?;
+    .with_context(|| format!("exporting {origin}"))?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&manifest)?);
     } else {

@@ -15,7 +15,7 @@ use std::sync::Mutex;
 
 use ort::environment::Environment;
 use ort::ep::{self, ArbitrarilyConfigurableExecutionProvider, ExecutionProvider as _};
-use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
+use ort::session::builder::{GraphOptimizationLevel, PrepackedWeights, SessionBuilder};
 use ort::session::Session;
 use ort::value::{DynValue, Tensor, TensorElementType, ValueType};
 
@@ -390,6 +390,12 @@ impl OrtEngine {
         if let ExecutionProvider::TensorRt(trt) = &options.provider {
             create_cache_dirs(trt)?;
         }
+        let factory = SessionFactory {
+            environment: &environment,
+            options,
+            library: &library,
+            prepacked: PrepackedWeights::new(),
+        };
         let sessions = paths
             .iter()
             .map(|&(kind, path)| {
@@ -398,8 +404,7 @@ impl OrtEngine {
                     .iter()
                     .find(|(k, _)| *k == kind)
                     .map(|(_, p)| p);
-                let session = session(&environment, kind, path, options, profile, &library)?;
-                Ok((kind, session))
+                Ok((kind, factory.session(kind, path, profile)?))
             })
             .collect::<Result<_, RuntimeError>>()?;
         Ok(OrtEngine {
@@ -493,44 +498,58 @@ fn cuda(options: &CudaOptions) -> ep::ExecutionProviderDispatch {
         .error_on_failure()
 }
 
-fn session(
-    environment: &Environment,
-    graph: GraphKind,
-    path: &Path,
-    options: &OrtOptions,
-    profile: Option<&ProfileShapes>,
-    library: &Path,
-) -> Result<Session, RuntimeError> {
-    let fail = |what: &str, e: &dyn std::fmt::Display| {
-        RuntimeError::backend(
-            BACKEND,
-            format!("{graph} graph {}: {what}: {e}", path.display()),
-        )
-    };
-    // No execution providers registered: ONNX Runtime then uses its CPU provider, with its
-    // memory arena on (ort's explicit `ep::CPU` would turn the arena off).
-    let builder = Session::builder(environment)
-        .map_err(|e| fail("creating session options", &e))?
-        .with_optimization_level(GraphOptimizationLevel::All)
-        .map_err(|e| fail("setting the optimisation level", &e))?;
-    let builder = match options.intra_threads {
-        Some(n) => builder
-            .with_intra_threads(n)
-            .map_err(|e| fail("setting intra-op threads", &e))?,
-        None => builder,
-    };
-    let mut builder = with_provider(builder, &options.provider, profile).map_err(|e| {
-        RuntimeError::Provider(format!(
-            "the {} provider of the ONNX Runtime at {} could not start: {e}. It needs {}; \
-             check that the GPU is visible and those libraries are on LD_LIBRARY_PATH",
-            options.provider,
-            library.display(),
-            options.provider.needs()
-        ))
-    })?;
-    builder
-        .commit_from_file(path)
-        .map_err(|e| fail("loading", &e))
+/// Creates the sessions of one engine with shared settings.
+struct SessionFactory<'a> {
+    environment: &'a Environment,
+    options: &'a OrtOptions,
+    library: &'a Path,
+    /// One container for every session of the engine: the prefill and step graphs use the
+    /// same weights, and without it each session keeps its own prepacked copy of every
+    /// MatMul weight (twice the weights in memory).
+    prepacked: PrepackedWeights,
+}
+
+impl SessionFactory<'_> {
+    fn session(
+        &self,
+        graph: GraphKind,
+        path: &Path,
+        profile: Option<&ProfileShapes>,
+    ) -> Result<Session, RuntimeError> {
+        let options = self.options;
+        let fail = |what: &str, e: &dyn std::fmt::Display| {
+            RuntimeError::backend(
+                BACKEND,
+                format!("{graph} graph {}: {what}: {e}", path.display()),
+            )
+        };
+        // No execution providers registered: ONNX Runtime then uses its CPU provider, with
+        // its memory arena on (ort's explicit `ep::CPU` would turn the arena off).
+        let builder = Session::builder(self.environment)
+            .map_err(|e| fail("creating session options", &e))?
+            .with_optimization_level(GraphOptimizationLevel::All)
+            .map_err(|e| fail("setting the optimisation level", &e))?
+            .with_prepacked_weights(&self.prepacked)
+            .map_err(|e| fail("sharing prepacked weights", &e))?;
+        let builder = match options.intra_threads {
+            Some(n) => builder
+                .with_intra_threads(n)
+                .map_err(|e| fail("setting intra-op threads", &e))?,
+            None => builder,
+        };
+        let mut builder = with_provider(builder, &options.provider, profile).map_err(|e| {
+            RuntimeError::Provider(format!(
+                "the {} provider of the ONNX Runtime at {} could not start: {e}. It needs {}; \
+                 check that the GPU is visible and those libraries are on LD_LIBRARY_PATH",
+                options.provider,
+                self.library.display(),
+                options.provider.needs()
+            ))
+        })?;
+        builder
+            .commit_from_file(path)
+            .map_err(|e| fail("loading", &e))
+    }
 }
 
 impl Engine for OrtEngine {
