@@ -4,6 +4,7 @@
 //! This crate has no inference engine in it: export needs only this, and it compiles fast.
 
 pub mod builder;
+pub mod check;
 pub mod larp;
 pub mod manifest;
 pub mod nar;
