@@ -217,12 +217,29 @@ impl<'w> GraphBuilder<'w> {
         self.new_value(name.to_string(), dtype)
     }
 
-    /// Declares `value` a graph output named `name` (an Identity node renames it if needed).
+    /// Declares `value` a graph output named `name`: the value is renamed if a node of this
+    /// graph makes it, else (a graph input, a constant, a value already output under another
+    /// name) an Identity node gives it the name.
     pub fn output(&mut self, name: &str, value: Value, dims: &[Dim]) -> Result<(), GraphError> {
         if self.outputs.iter().any(|o| o.name.as_deref() == Some(name)) {
             return Err(GraphError::Invalid(format!("output {name} declared twice")));
         }
-        if self.name_of(value) != name {
+        let old = self.name_of(value).to_string();
+        let produced_here = self.nodes.iter().any(|n| n.output.contains(&old));
+        let taken = self.value_names.iter().any(|n| n == name)
+            || self.outputs.iter().any(|o| o.name.as_deref() == Some(&old));
+        if old != name && produced_here && !taken {
+            // Rename the value where it is made and used: an Identity would copy it at every
+            // run (the whole KV cache, for the `present.*` outputs).
+            for node in &mut self.nodes {
+                for slot in node.input.iter_mut().chain(node.output.iter_mut()) {
+                    if *slot == old {
+                        *slot = name.to_string();
+                    }
+                }
+            }
+            self.value_names[value.index] = name.to_string();
+        } else if old != name {
             let node_name = self.unique_node_name(&format!("output.{name}"));
             self.nodes.push(NodeProto {
                 name: Some(node_name),
