@@ -2,6 +2,7 @@
 
 mod backend;
 mod bench;
+mod check;
 mod decode;
 mod demo;
 mod export;
@@ -36,6 +37,8 @@ enum Command {
     Run(run::RunArgs),
     /// Measure generation speed: seconds per image, GFLOP/s, memory.
     Bench(bench::BenchArgs),
+    /// Check a model directory against what TensorRT's ONNX parser accepts.
+    Check(check::CheckArgs),
     /// Decode tokens (from `narx run --tokens-out`) into pictures or video clips.
     Decode(decode::DecodeArgs),
     /// Show what a model directory holds.
@@ -52,6 +55,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Export(args) => export::run(args),
         Command::Run(args) => run::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Check(args) => check::run(args),
         Command::Decode(args) => decode::run(args),
         Command::Inspect(args) => inspect::run(args),
         Command::Package(args) => package::run(args),

@@ -214,3 +214,71 @@ fn packages_are_complete_bundles_that_run() {
         .to_string_lossy()
         .contains("partial")));
 }
+
+#[test]
+fn narx_check_passes_our_exports_and_catches_planted_problems() {
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path().join("model");
+    export_fixture("nar-video-tiny", "model.safetensors", &dir, DType::F32);
+    let dir_arg = dir.to_str().unwrap();
+    for version in ["10", "8.6"] {
+        let output = narx(&[
+            "check",
+            dir_arg,
+            "--target",
+            "tensorrt",
+            "--trt-version",
+            version,
+        ]);
+        let text = crate::common::stdout(&output);
+        assert!(
+            output.status.success(),
+            "{version}: {text}{}",
+            stderr(&output)
+        );
+        assert!(!text.contains("error:"), "{version}: {text}");
+    }
+
+    // A computation TensorRT does not do in INT64 (a MatMul on the positions), and a dynamic
+    // input whose profile was dropped from the manifest.
+    let step_path = dir.join("step.onnx");
+    let mut step = narx_graphs::decode_model(&std::fs::read(&step_path).unwrap()).unwrap();
+    let graph = step.graph.as_mut().unwrap();
+    graph.node.push(narx_graphs::onnx::NodeProto {
+        name: Some("/planted/MatMul".into()),
+        op_type: Some("MatMul".into()),
+        input: vec!["positions".into(), "positions".into()],
+        output: vec!["planted".into()],
+        ..Default::default()
+    });
+    std::fs::write(&step_path, narx_graphs::encode_model(&step)).unwrap();
+    let manifest_path = dir.join("narx.json");
+    let mut manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&manifest_path).unwrap()).unwrap();
+    let removed = manifest["tensorrt_profiles"]["step"]
+        .as_object_mut()
+        .unwrap()
+        .remove("tokens");
+    assert!(removed.is_some());
+    std::fs::write(&manifest_path, manifest.to_string()).unwrap();
+
+    let output = narx(&["check", dir_arg, "--target", "tensorrt"]);
+    let text = crate::common::stdout(&output);
+    assert_eq!(output.status.code(), Some(1), "{text}{}", stderr(&output));
+    let errors: Vec<&str> = text.lines().filter(|l| l.starts_with("error")).collect();
+    assert!(
+        errors.iter().any(|l| l.contains("step.onnx")
+            && l.contains("/planted/MatMul")
+            && l.contains("INT64")),
+        "{text}"
+    );
+    assert!(
+        errors
+            .iter()
+            .any(|l| l.contains("step.onnx") && l.contains("input tokens")),
+        "{text}"
+    );
+    assert!(stderr(&output).contains("error(s)"));
+    let output = narx(&["check", dir_arg, "--trt-version", "7"]);
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+}
