@@ -83,6 +83,38 @@ def upstream(nar, batch, grid, repeat, threads, seed):
     return [run() for _ in range(repeat)]
 
 
+def matmul_gflops(threads):
+    """ONNX Runtime's rate on a plain 4096^3 float32 MatMul (the machine's reference)."""
+    for module, package in (("onnx", "onnx"), ("onnxruntime", "onnxruntime")):
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            subprocess.check_call(PIP + [package])
+    import numpy as np
+    import onnx
+    import onnx.helper as h
+    import onnxruntime as ort
+
+    n = 4096
+    b = onnx.numpy_helper.from_array(np.random.rand(n, n).astype(np.float32), "b")
+    graph = h.make_graph([h.make_node("MatMul", ["a", "b"], ["c"])], "matmul",
+                         [h.make_tensor_value_info("a", onnx.TensorProto.FLOAT, [n, n])],
+                         [h.make_tensor_value_info("c", onnx.TensorProto.FLOAT, [n, n])], [b])
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(model.SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"])
+    a = {"a": np.random.rand(n, n).astype(np.float32)}
+    session.run(None, a)
+    best = float("inf")
+    for _ in range(5):
+        started = time.perf_counter()
+        session.run(None, a)
+        best = min(best, time.perf_counter() - started)
+    return 2 * n**3 / best / 1e9
+
+
 def narx(binary, provider, batch, grid, repeat, threads):
     """`narx bench --json`'s result object."""
     command = [binary, "bench", "--preset", "nar-b", "--random-weights", "--grid", str(grid),
@@ -113,6 +145,7 @@ def main():
         binary = os.path.join(ROOT, "target", "release", "narx")
 
     providers = ["cpu"] + (["tract"] if args.tract else [])
+    matmul = matmul_gflops(args.threads)
     rows = []
     for batch in args.batch:
         runs = upstream(args.nar, batch, args.grid, args.repeat, args.threads, args.seed)
@@ -127,17 +160,23 @@ def main():
                          "gflops_per_s": result["gflops_per_s"],
                          "sampling_seconds": result["sampling_seconds"]})
     if args.json:
+        print(json.dumps({"impl": "onnxruntime 4096^3 matmul", "gflops_per_s": matmul}))
         for row in rows:
             print(json.dumps(row))
         return
     print(f"NAR-B, {args.grid}x{args.grid}, guidance 4.0, top-k 2000, float32, "
           f"{args.threads} threads; median (best) of {args.repeat} runs")
+    print(f"  ONNX Runtime on a 4096^3 MatMul: {matmul:.1f} GFLOP/s")
     for batch in args.batch:
         base = next(r for r in rows if r["batch"] == batch and r["impl"].startswith("upstream"))
         for row in (r for r in rows if r["batch"] == batch):
             speedup = base["seconds_per_image"] / row["seconds_per_image"]
+            rate = ""
+            if "gflops_per_s" in row:
+                rate = (f"  {row['gflops_per_s']:.0f} GFLOP/s "
+                        f"({100 * row['gflops_per_s'] / matmul:.0f}% of the MatMul)")
             print(f"  batch {batch:2}  {row['impl']:28} {row['seconds_per_image']:7.3f} s/image "
-                  f"({row['best_seconds_per_image']:.3f})  x{speedup:.2f}")
+                  f"({row['best_seconds_per_image']:.3f})  x{speedup:.2f}{rate}")
 
 
 if __name__ == "__main__":
