@@ -21,7 +21,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::builder::{ConstData, DType, Dim, GraphBuilder, Value};
-use crate::nar::ParamSource;
+use crate::nar::{f32_param, ParamSource};
 use crate::onnx::ModelProto;
 use crate::vq::l2_normalize_rows;
 use crate::weights::WeightStore;
@@ -498,26 +498,6 @@ struct Decoder<'a> {
 }
 
 impl Decoder<'_> {
-    /// Checkpoint tensor `name` as float32, checked to hold `len` values.
-    fn read(&self, name: &str, len: usize) -> Result<Vec<f32>, GraphError> {
-        let values = self.params.read_f32(name)?;
-        if values.len() != len {
-            return Err(GraphError::Param(format!(
-                "{name}: {} values, {len} expected",
-                values.len()
-            )));
-        }
-        Ok(values)
-    }
-
-    /// A checkpoint tensor stored as is, under its upstream name and shape.
-    fn param(&self, b: &mut GraphBuilder, name: &str, dims: &[usize]) -> Result<Value, GraphError> {
-        let len = dims.iter().product();
-        b.weight(name, DType::F32, dims, || {
-            Ok(ConstData::F32(self.read(name, len)?))
-        })
-    }
-
     /// `y = x Wᵀ (+ bias)` for an upstream `Linear(inputs → outputs)` named `name`; the weight
     /// `(outputs, inputs)` is stored transposed as `{name}.T` so the graph needs a plain MatMul.
     fn linear(
@@ -536,7 +516,7 @@ impl Decoder<'_> {
                 DType::F32,
                 &[inputs, outputs],
                 || {
-                    let values = self.read(&weight, outputs * inputs)?;
+                    let values = self.params.read_f32_exact(&weight, outputs * inputs)?;
                     let mut t = vec![0f32; values.len()];
                     for (r, row) in values.chunks_exact(inputs).enumerate() {
                         for (c, &v) in row.iter().enumerate() {
@@ -550,7 +530,7 @@ impl Decoder<'_> {
             if !bias {
                 return Ok(y);
             }
-            let bias = self.param(b, &format!("{name}.bias"), &[outputs])?;
+            let bias = f32_param(b, self.params, &format!("{name}.bias"), &[outputs])?;
             b.add(y, bias)
         })
     }
@@ -574,7 +554,7 @@ impl Decoder<'_> {
                 CODEBOOK
             };
             let table = b.weight(name, DType::F32, &[rows, width], || {
-                let mut table = self.read(CODEBOOK, rows * width)?;
+                let mut table = self.params.read_f32_exact(CODEBOOK, rows * width)?;
                 if normalise {
                     l2_normalize_rows(&mut table, width);
                 }
@@ -585,9 +565,19 @@ impl Decoder<'_> {
         let d = config.decoder_hidden_size;
         let z = self.linear(b, z, "bottleneck.out_linear", width, d, true)?;
         b.scoped("decoder_latent_pe", |b| {
-            let mut pe = self.param(b, "decoder_latent_pe", &[1, config.latent_tokens(), d])?;
+            let mut pe = f32_param(
+                b,
+                self.params,
+                "decoder_latent_pe",
+                &[1, config.latent_tokens(), d],
+            )?;
             if config.use_decoder_latent_token_type_embed {
-                let kind = self.param(b, "decoder_latent_token_type_embed", &[1, 1, d])?;
+                let kind = f32_param(
+                    b,
+                    self.params,
+                    "decoder_latent_token_type_embed",
+                    &[1, 1, d],
+                )?;
                 pe = b.add(pe, kind)?;
             }
             b.add(z, pe)
@@ -607,17 +597,22 @@ impl Decoder<'_> {
         b.scoped("decoder_patch_query_embed", |b| {
             let mut table = if config.learned_decoder_patch_query_embed {
                 let (t, h, w) = config.query_grid();
-                let h_embed = self.param(b, "decoder_h_embed", &[1, 1, h, 1, d])?;
-                let w_embed = self.param(b, "decoder_w_embed", &[1, 1, 1, w, d])?;
-                let t_embed = self.param(b, "decoder_t_embed", &[1, t, 1, 1, d])?;
+                let h_embed = f32_param(b, self.params, "decoder_h_embed", &[1, 1, h, 1, d])?;
+                let w_embed = f32_param(b, self.params, "decoder_w_embed", &[1, 1, 1, w, d])?;
+                let t_embed = f32_param(b, self.params, "decoder_t_embed", &[1, t, 1, 1, d])?;
                 let hw = b.add(h_embed, w_embed)?;
                 let thw = b.add(hw, t_embed)?;
                 b.reshape(thw, &[1, q as i64, d as i64])?
             } else {
-                self.param(b, "decoder_patch_query_embed", &[1, q, d])?
+                f32_param(b, self.params, "decoder_patch_query_embed", &[1, q, d])?
             };
             if config.use_decoder_patch_query_token_type_embed {
-                let kind = self.param(b, "decoder_patch_query_token_type_embed", &[1, 1, d])?;
+                let kind = f32_param(
+                    b,
+                    self.params,
+                    "decoder_patch_query_token_type_embed",
+                    &[1, 1, d],
+                )?;
                 table = b.add(table, kind)?;
             }
             let codes_shape = b.shape(codes)?;
@@ -708,8 +703,8 @@ impl Decoder<'_> {
             let std = b.sqrt(variance)?;
             let inv = b.reciprocal(std)?;
             let normed = b.mul(centred, inv)?;
-            let gamma = self.param(b, &format!("{name}.weight"), &[d])?;
-            let beta = self.param(b, &format!("{name}.bias"), &[d])?;
+            let gamma = f32_param(b, self.params, &format!("{name}.weight"), &[d])?;
+            let beta = f32_param(b, self.params, &format!("{name}.bias"), &[d])?;
             let scaled = b.mul(normed, gamma)?;
             b.add(scaled, beta)
         })

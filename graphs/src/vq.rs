@@ -20,7 +20,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::builder::{ConstData, DType, Dim, GraphBuilder, Value};
-use crate::nar::ParamSource;
+use crate::nar::{f32_param, ParamSource};
 use crate::onnx::ModelProto;
 use crate::weights::WeightStore;
 use crate::GraphError;
@@ -343,33 +343,12 @@ struct Decoder<'a> {
 }
 
 impl Decoder<'_> {
-    /// Checkpoint tensor `name` as float32, checked to hold `len` values.
-    fn read(&self, name: &str, len: usize) -> Result<Vec<f32>, GraphError> {
-        let values = self.params.read_f32(name)?;
-        if values.len() != len {
-            return Err(GraphError::Param(format!(
-                "{name}: {} values, {len} expected",
-                values.len()
-            )));
-        }
-        Ok(values)
-    }
-
-    /// A checkpoint tensor stored as is, under its upstream name, with the graph's `dims`
-    /// (which may add unit axes to upstream's shape; the bytes are the same).
-    fn param(&self, b: &mut GraphBuilder, name: &str, dims: &[usize]) -> Result<Value, GraphError> {
-        let len = dims.iter().product();
-        b.weight(name, DType::F32, dims, || {
-            Ok(ConstData::F32(self.read(name, len)?))
-        })
-    }
-
     /// The codebook as the graph stores it: rows L2-normalised when the config normalises
     /// ([`l2_normalize_rows`]), else the raw rows.
     fn codebook(&self) -> Result<ConstData, GraphError> {
         let (rows, width) = (self.config.codebook_size, self.config.codebook_embed_dim);
         let name = "quantize.embedding.weight";
-        let mut table = self.read(name, rows * width)?;
+        let mut table = self.params.read_f32_exact(name, rows * width)?;
         if self.config.codebook_l2_norm {
             l2_normalize_rows(&mut table, width);
         }
@@ -404,8 +383,13 @@ impl Decoder<'_> {
         kernel: usize,
     ) -> Result<Value, GraphError> {
         b.scoped(name, |b| {
-            let w = self.param(b, &format!("{name}.weight"), &[c_out, c_in, kernel, kernel])?;
-            let bias = self.param(b, &format!("{name}.bias"), &[c_out])?;
+            let w = f32_param(
+                b,
+                self.params,
+                &format!("{name}.weight"),
+                &[c_out, c_in, kernel, kernel],
+            )?;
+            let bias = f32_param(b, self.params, &format!("{name}.bias"), &[c_out])?;
             b.conv2d(x, w, bias, (kernel / 2) as i64)
         })
     }
@@ -478,8 +462,8 @@ impl Decoder<'_> {
             let normed = b.mul(centred, inv)?;
             let normed = b.node1("Reshape", &[normed, shape], &[], DType::F32)?;
             // Stored (C, 1, 1) so they broadcast over (B, C, H, W); same bytes as upstream (C).
-            let gamma = self.param(b, &format!("{name}.weight"), &[channels, 1, 1])?;
-            let beta = self.param(b, &format!("{name}.bias"), &[channels, 1, 1])?;
+            let gamma = f32_param(b, self.params, &format!("{name}.weight"), &[channels, 1, 1])?;
+            let beta = f32_param(b, self.params, &format!("{name}.bias"), &[channels, 1, 1])?;
             let scaled = b.mul(normed, gamma)?;
             b.add(scaled, beta)
         })

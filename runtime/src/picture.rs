@@ -50,32 +50,9 @@ pub fn to_u8(x: f32) -> u8 {
 /// A wrong length or channel count means the decoder graph produced something other than
 /// what it was exported to, so it is reported as a backend error, not bad user input.
 pub fn to_pixels(image: &[f32], shape: [usize; 4]) -> Result<Vec<RgbImage>, RuntimeError> {
+    let (w, h) = check_rgb_output("decoder output", image.len(), &shape)?;
+    let plane = shape[2] * shape[3];
     let bad = |message: String| RuntimeError::backend("decoder output", message);
-    let [_, channels, height, width] = shape;
-    if channels != 3 {
-        return Err(bad(format!(
-            "shape {shape:?} has {channels} channels, expected 3 (RGB)"
-        )));
-    }
-    let expected = shape
-        .iter()
-        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
-        .ok_or_else(|| bad(format!("shape {shape:?} is too large")))?;
-    if image.len() != expected {
-        return Err(bad(format!(
-            "has {} values, but shape {shape:?} needs {expected}",
-            image.len()
-        )));
-    }
-    let (w, h) = match (u32::try_from(width), u32::try_from(height)) {
-        (Ok(w), Ok(h)) => (w, h),
-        _ => return Err(bad(format!("shape {shape:?} is too large for an image"))),
-    };
-    let plane = height * width;
-    if plane == 0 {
-        // No pixels: a shape bug, and `chunks_exact(0)` would panic.
-        return Err(bad(format!("shape {shape:?} has empty images")));
-    }
     image
         .chunks_exact(3 * plane)
         .map(|item| {
@@ -91,6 +68,48 @@ pub fn to_pixels(image: &[f32], shape: [usize; 4]) -> Result<Vec<RgbImage>, Runt
         })
         .collect::<Option<Vec<_>>>()
         .ok_or_else(|| bad(format!("shape {shape:?} does not form images")))
+}
+
+/// Checks a decoder output laid out `(batch, 3, …, height, width)` against its data length:
+/// three channels, the right number of values, non-empty items (an empty batch is fine) and
+/// a frame size that fits an image. Returns `(width, height)`. A mismatch means the decoder graph produced something
+/// other than what it was exported to, so it is a backend error.
+pub(crate) fn check_rgb_output(
+    what: &str,
+    len: usize,
+    shape: &[usize],
+) -> Result<(u32, u32), RuntimeError> {
+    let bad = |message: String| RuntimeError::backend(what, message);
+    let (channels, height, width) = match shape {
+        [_, c, .., h, w] => (*c, *h, *w),
+        _ => {
+            return Err(bad(format!(
+                "shape {shape:?} is not (batch, 3, …, height, width)"
+            )))
+        }
+    };
+    if channels != 3 {
+        return Err(bad(format!(
+            "shape {shape:?} has {channels} channels, expected 3 (RGB)"
+        )));
+    }
+    let expected = shape
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .ok_or_else(|| bad(format!("shape {shape:?} is too large")))?;
+    if len != expected {
+        return Err(bad(format!(
+            "has {len} values, but shape {shape:?} needs {expected}"
+        )));
+    }
+    if shape[1..].contains(&0) {
+        // Items without pixels: a shape bug, and `chunks_exact(0)` would panic.
+        return Err(bad(format!("shape {shape:?} has empty images")));
+    }
+    match (u32::try_from(width), u32::try_from(height)) {
+        (Ok(w), Ok(h)) => Ok((w, h)),
+        _ => Err(bad(format!("shape {shape:?} is too large for an image"))),
+    }
 }
 
 /// Tiles images into one sheet as torchvision's `make_grid(nrow=columns, padding=2)` does.

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use image::RgbImage;
 
-use crate::picture::{contact_sheet, write_gif, write_png};
+use crate::picture::{check_rgb_output, contact_sheet, write_gif, write_png};
 use crate::RuntimeError;
 
 /// Frame rate upstream writes its clips at.
@@ -31,32 +31,10 @@ pub fn to_u8(x: f32) -> u8 {
 /// A wrong length or channel count means the decoder graph produced something other than
 /// what it was exported to, so it is reported as a backend error, not bad user input.
 pub fn to_clips(video: &[f32], shape: [usize; 5]) -> Result<Vec<Clip>, RuntimeError> {
+    let (w, h) = check_rgb_output("video decoder output", video.len(), &shape)?;
     let bad = |message: String| RuntimeError::backend("video decoder output", message);
-    let [_, channels, frames, height, width] = shape;
-    if channels != 3 {
-        return Err(bad(format!(
-            "shape {shape:?} has {channels} channels, expected 3 (RGB)"
-        )));
-    }
-    let expected = shape
-        .iter()
-        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
-        .ok_or_else(|| bad(format!("shape {shape:?} is too large")))?;
-    if video.len() != expected {
-        return Err(bad(format!(
-            "has {} values, but shape {shape:?} needs {expected}",
-            video.len()
-        )));
-    }
-    let (w, h) = match (u32::try_from(width), u32::try_from(height)) {
-        (Ok(w), Ok(h)) => (w, h),
-        _ => return Err(bad(format!("shape {shape:?} is too large for frames"))),
-    };
+    let [_, _, frames, height, width] = shape;
     let plane = height * width;
-    if plane == 0 || frames == 0 {
-        // No pixels: a shape bug, and `chunks_exact(0)` would panic.
-        return Err(bad(format!("shape {shape:?} has empty frames")));
-    }
     let channel = frames * plane;
     video
         .chunks_exact(3 * channel)

@@ -10,7 +10,7 @@ use narx_graphs::nar::ModelConfig;
 use narx_graphs::DType;
 use narx_runtime::backend::ort::{find_library, OrtEngine, OrtOptions};
 use narx_runtime::backend::tract::TractEngine;
-use narx_runtime::backend::GraphKind;
+use narx_runtime::backend::{Engine, GraphKind, HostTensor};
 use narx_runtime::generate::Generator;
 
 pub fn fixtures() -> PathBuf {
@@ -202,4 +202,18 @@ pub fn gif_frames(path: &Path) -> Vec<image::RgbImage> {
 pub fn write_fixture_config(name: &str, path: &Path) {
     let config = reference_json(name)["config"].clone();
     std::fs::write(path, serde_json::to_string(&config).unwrap()).unwrap();
+}
+
+/// Runs the decoder graph on `codes` and returns its float output `output` (`image` for the
+/// VQ decoder, `video` for LARP).
+pub fn decode_raw<E: Engine>(
+    engine: &mut E,
+    codes: (Vec<usize>, Vec<i64>),
+    output: &str,
+) -> (Vec<usize>, Vec<f32>) {
+    let input = engine.upload(HostTensor::I64(codes.0, codes.1)).unwrap();
+    let mut out = engine
+        .run(GraphKind::Decoder, vec![("codes".into(), input)])
+        .unwrap();
+    engine.download_f32(&out.remove(output).unwrap()).unwrap()
 }

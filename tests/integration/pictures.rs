@@ -7,13 +7,12 @@ use narx_export::checkpoint::open_checkpoint;
 use narx_export::model_dir::{export, ExportRequest, VqRequest};
 use narx_graphs::vq::VqConfig;
 use narx_graphs::DType;
-use narx_runtime::backend::{Engine, GraphKind, HostTensor};
 use narx_runtime::picture::{generated_after, greyed, to_pixels, trace_frames};
 use narx_runtime::scheduler::WavefrontPlan;
 
 use crate::common::{
-    assert_bad_input, fixture, gif_frames, model_config, narx, ort_engine, reference_json, stderr,
-    tract_engine, Reference,
+    assert_bad_input, decode_raw, fixture, gif_frames, model_config, narx, ort_engine,
+    reference_json, stderr, tract_engine, Reference,
 };
 
 fn vq_config() -> VqConfig {
@@ -40,14 +39,6 @@ fn export_with_decoder(dir: &Path) {
     .unwrap();
 }
 
-fn decode_raw<E: Engine>(engine: &mut E, codes: (Vec<usize>, Vec<i64>)) -> (Vec<usize>, Vec<f32>) {
-    let input = engine.upload(HostTensor::I64(codes.0, codes.1)).unwrap();
-    let mut out = engine
-        .run(GraphKind::Decoder, vec![("codes".into(), input)])
-        .unwrap();
-    engine.download_f32(&out.remove("image").unwrap()).unwrap()
-}
-
 #[test]
 fn vq_decoder_matches_upstream_on_tract_and_onnxruntime() {
     let temp = tempfile::tempdir().unwrap();
@@ -64,10 +55,13 @@ fn vq_decoder_matches_upstream_on_tract_and_onnxruntime() {
         panic!("pixels are uint8")
     };
     for (backend, (got_shape, got)) in [
-        ("tract", decode_raw(&mut tract_engine(&dir), codes.clone())),
+        (
+            "tract",
+            decode_raw(&mut tract_engine(&dir), codes.clone(), "image"),
+        ),
         (
             "onnxruntime",
-            decode_raw(&mut ort_engine(&dir), codes.clone()),
+            decode_raw(&mut ort_engine(&dir), codes.clone(), "image"),
         ),
     ] {
         assert_eq!(got_shape, shape, "{backend}");

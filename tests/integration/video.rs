@@ -8,12 +8,11 @@ use narx_export::checkpoint::open_checkpoint;
 use narx_export::model_dir::{export, ExportRequest, LarpRequest};
 use narx_graphs::larp::LarpConfig;
 use narx_graphs::DType;
-use narx_runtime::backend::{Engine, GraphKind, HostTensor};
 use narx_runtime::video::to_clips;
 
 use crate::common::{
-    assert_bad_input, fixture, gif_frames, model_config, narx, ort_engine, reference_json, stderr,
-    stdout, tract_engine, write_fixture_config, Data, Reference,
+    assert_bad_input, decode_raw, fixture, gif_frames, model_config, narx, ort_engine,
+    reference_json, stderr, stdout, tract_engine, write_fixture_config, Data, Reference,
 };
 
 fn larp_config() -> LarpConfig {
@@ -41,14 +40,6 @@ fn export_with_decoder(dir: &Path) {
     .unwrap();
 }
 
-fn decode_raw<E: Engine>(engine: &mut E, codes: (Vec<usize>, Vec<i64>)) -> (Vec<usize>, Vec<f32>) {
-    let input = engine.upload(HostTensor::I64(codes.0, codes.1)).unwrap();
-    let mut out = engine
-        .run(GraphKind::Decoder, vec![("codes".into(), input)])
-        .unwrap();
-    engine.download_f32(&out.remove("video").unwrap()).unwrap()
-}
-
 #[test]
 fn larp_decoder_matches_upstream_on_tract_and_onnxruntime() {
     let temp = tempfile::tempdir().unwrap();
@@ -61,10 +52,13 @@ fn larp_decoder_matches_upstream_on_tract_and_onnxruntime() {
         panic!("the fixture's pixels are uint8")
     };
     for (backend, (got_shape, got)) in [
-        ("tract", decode_raw(&mut tract_engine(&dir), codes.clone())),
+        (
+            "tract",
+            decode_raw(&mut tract_engine(&dir), codes.clone(), "video"),
+        ),
         (
             "onnxruntime",
-            decode_raw(&mut ort_engine(&dir), codes.clone()),
+            decode_raw(&mut ort_engine(&dir), codes.clone(), "video"),
         ),
     ] {
         assert_eq!(got_shape, shape, "{backend}");

@@ -39,7 +39,7 @@ mod video;
 pub use config::{ConditionKind, HeadSpec, ModelArgs, ModelConfig, PositionEncoding, Transformer};
 pub use video::VideoArgs;
 
-use crate::builder::{ConstData, DType, Dim, GraphBuilder};
+use crate::builder::{ConstData, DType, Dim, GraphBuilder, Value};
 use crate::onnx::ModelProto;
 use crate::weights::WeightStore;
 use crate::GraphError;
@@ -85,6 +85,32 @@ pub mod dims {
 /// checkpoint readers; shapes are checked before the graphs are built.
 pub trait ParamSource {
     fn read_f32(&self, name: &str) -> Result<Vec<f32>, GraphError>;
+
+    /// `name` as float32, checked to hold `len` values.
+    fn read_f32_exact(&self, name: &str, len: usize) -> Result<Vec<f32>, GraphError> {
+        let values = self.read_f32(name)?;
+        if values.len() != len {
+            return Err(GraphError::Param(format!(
+                "{name}: {} values, {len} expected",
+                values.len()
+            )));
+        }
+        Ok(values)
+    }
+}
+
+/// A checkpoint tensor stored as is in float32, under its upstream name, with the graph's
+/// `dims` (which may add unit axes to upstream's shape; the bytes are the same).
+pub(crate) fn f32_param(
+    b: &mut GraphBuilder,
+    params: &dyn ParamSource,
+    name: &str,
+    dims: &[usize],
+) -> Result<Value, GraphError> {
+    let len = dims.iter().product();
+    b.weight(name, DType::F32, dims, || {
+        Ok(ConstData::F32(params.read_f32_exact(name, len)?))
+    })
 }
 
 /// What to build: the model, its latent grid and the precision of weights and matmuls.
