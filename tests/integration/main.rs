@@ -3,6 +3,7 @@
 //! never skip, without it.
 
 mod bad_input;
+mod calibration;
 mod cli;
 mod common;
 mod gpu;

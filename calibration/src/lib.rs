@@ -1,0 +1,23 @@
+//! INT8 calibration: what the activations feeding every MatMul, Gemm and Conv look like over
+//! a calibration set, the clipping range each should be quantised with, and the tables
+//! TensorRT and ONNX Runtime read those ranges from.
+//!
+//! - [`histogram`]: a streaming histogram of |x| (2048 bins) that stays exact as the range
+//!   grows, so memory is bounded however many prompts are observed.
+//! - [`ranges`]: the clipping range from a histogram: the maximum, a percentile, or
+//!   TensorRT's entropy method.
+//! - [`tables`]: TensorRT's native calibration cache and ONNX Runtime's TensorRT calibration
+//!   table (`TrtTable` flatbuffers).
+
+pub mod histogram;
+pub mod ranges;
+pub mod tables;
+
+/// Errors of calibration.
+#[derive(Debug, thiserror::Error)]
+pub enum CalibrationError {
+    #[error("{0}")]
+    BadInput(String),
+    #[error("calibration table: {0}")]
+    Table(String),
+}
