@@ -337,18 +337,20 @@ fn manifest(
         tensorrt: TensorRtSettings::default(),
         vq_decoder: None,
         larp_decoder: None,
+        calibration: None,
     })
 }
 
 /// A temporary sibling directory that becomes the output on `commit` and is removed otherwise.
-pub(crate) struct Staging {
+pub struct Staging {
     temp: PathBuf,
     output: PathBuf,
     committed: bool,
 }
 
 impl Staging {
-    pub(crate) fn new(output: &Path, force: bool) -> Result<Self, ExportError> {
+    /// Refuses an existing `output` unless it is a model directory and `force` is set.
+    pub fn new(output: &Path, force: bool) -> Result<Self, ExportError> {
         let out_err = |message: String| ExportError::Output {
             path: output.display().to_string(),
             message,
@@ -387,11 +389,11 @@ impl Staging {
         })
     }
 
-    pub(crate) fn path(&self) -> &Path {
+    pub fn path(&self) -> &Path {
         &self.temp
     }
 
-    pub(crate) fn commit(mut self) -> Result<(), ExportError> {
+    pub fn commit(mut self) -> Result<(), ExportError> {
         let io = |e: std::io::Error| ExportError::Output {
             path: self.output.display().to_string(),
             message: e.to_string(),

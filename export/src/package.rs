@@ -61,16 +61,12 @@ pub fn package(model: &Path, output: &Path, force: bool) -> Result<Bundle, Expor
     Ok(bundle)
 }
 
-/// The files of a bundle, relative to the model directory: the manifest, every graph and
-/// the weights (all checked present by `Manifest::load`), then the TensorRT cache if any.
+/// The files of a bundle, relative to the model directory: the manifest, every graph, the
+/// weights and calibration tables (all checked present by `Manifest::load`), then the
+/// TensorRT cache if any.
 fn bundle_files(model: &Path, manifest: &Manifest) -> Result<Vec<String>, ExportError> {
-    let mut files = vec![
-        MANIFEST_FILE.to_string(),
-        manifest.graphs.prefill.file.clone(),
-        manifest.graphs.step.file.clone(),
-    ];
-    files.extend(manifest.decoder_graph().map(|g| g.file.clone()));
-    files.push(manifest.weights.file.clone());
+    let mut files = vec![MANIFEST_FILE.to_string()];
+    files.extend(manifest.files().into_iter().map(str::to_string));
     let cache = model.join(TENSORRT_CACHE_DIR);
     if cache.is_dir() {
         let mut cached: Vec<String> = std::fs::read_dir(&cache)

@@ -1355,6 +1355,7 @@ mod tests {
             tensorrt: TensorRtSettings::default(),
             vq_decoder,
             larp_decoder,
+            calibration: None,
         };
         manifest.save(dir).unwrap();
         // What `narx run` would accept.

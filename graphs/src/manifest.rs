@@ -76,6 +76,29 @@ pub struct Manifest {
     /// The video tokenizer's decoder, when the export was given one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub larp_decoder: Option<LarpDecoderFile>,
+    /// INT8 ranges from `narx calibrate`, when the directory has them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calibration: Option<CalibrationFiles>,
+}
+
+/// What `narx calibrate` measured and wrote: one clipping range (`amax`, the |x| that maps
+/// to ±127) per activation that feeds a MatMul, Gemm or Conv.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CalibrationFiles {
+    /// How ranges were chosen: `entropy`, `max` or `percentile <p>`.
+    pub method: String,
+    /// Generations observed and tensors ranged.
+    pub generations: usize,
+    pub tensors: usize,
+    /// JSON object tensor name → amax.
+    pub ranges: String,
+    /// TensorRT's native calibration cache.
+    pub trt_cache: String,
+    /// The `TRT-<version>` its header names.
+    pub trt_version: String,
+    /// ONNX Runtime's TensorRT calibration table (flatbuffers).
+    pub ort_table: String,
 }
 
 /// The LARP decoder graph: `codes (batch, T·H·W)` → `video (batch, 3, frames, height,
@@ -382,15 +405,7 @@ impl Manifest {
         if self.vq_decoder.is_some() && self.larp_decoder.is_some() {
             return Err("it names both a VQ and a LARP decoder".into());
         }
-        let decoder = self.decoder_graph().map(|graph| &graph.file);
-        for file in [
-            &self.graphs.prefill.file,
-            &self.graphs.step.file,
-            &self.weights.file,
-        ]
-        .into_iter()
-        .chain(decoder)
-        {
+        for file in self.files() {
             if file.contains('/') || file.contains('\\') || file.starts_with('.') {
                 return Err(format!("file name {file:?} must be a plain name"));
             }
@@ -408,6 +423,25 @@ impl Manifest {
             ));
         }
         Ok(())
+    }
+
+    /// Every file of the directory besides the manifest: graphs, weights, decoder,
+    /// calibration tables.
+    pub fn files(&self) -> Vec<&str> {
+        let mut files = vec![
+            self.graphs.prefill.file.as_str(),
+            self.graphs.step.file.as_str(),
+            self.weights.file.as_str(),
+        ];
+        files.extend(self.decoder_graph().map(|g| g.file.as_str()));
+        if let Some(c) = &self.calibration {
+            files.extend([
+                c.ranges.as_str(),
+                c.trt_cache.as_str(),
+                c.ort_table.as_str(),
+            ]);
+        }
+        files
     }
 
     /// The decoder graph (VQ for images, LARP for video), if the export was given one.

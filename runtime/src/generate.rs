@@ -80,6 +80,9 @@ pub struct Generation {
     pub calls: usize,
 }
 
+/// Sees a graph output by name, as float32 values.
+pub type OutputObserver = dyn FnMut(&str, &[f32]);
+
 /// A loaded model ready to generate.
 pub struct Generator<E: Engine> {
     manifest: Manifest,
@@ -167,6 +170,29 @@ impl<E: Engine> Generator<E> {
         options: &GenerateOptions,
         report: &mut dyn FnMut(&CallReport),
     ) -> Result<Generation, RuntimeError> {
+        self.run_generation(prompts, options, report, None)
+    }
+
+    /// [`Self::generate`], handing `observe` every graph output except the heads' logits, by
+    /// name, as float32, at every call: the cache and whatever a calibration build of the
+    /// graphs adds. (Downloading the cache each call costs time; only calibration does it.)
+    pub fn generate_observing(
+        &mut self,
+        prompts: &Prompts,
+        options: &GenerateOptions,
+        report: &mut dyn FnMut(&CallReport),
+        observe: &mut OutputObserver,
+    ) -> Result<Generation, RuntimeError> {
+        self.run_generation(prompts, options, report, Some(observe))
+    }
+
+    fn run_generation(
+        &mut self,
+        prompts: &Prompts,
+        options: &GenerateOptions,
+        report: &mut dyn FnMut(&CallReport),
+        mut observe: Option<&mut OutputObserver>,
+    ) -> Result<Generation, RuntimeError> {
         options.sampling.validate()?;
         let interval = usize::try_from(options.cfg_interval).ok();
         let schedule = CfgSchedule::new(options.cfg_scale, interval)?;
@@ -226,7 +252,15 @@ impl<E: Engine> Generator<E> {
             inputs.append(&mut cache);
             let mut outputs = self.engine.run(kind, inputs)?;
             let heads = self.head_logits(&mut outputs, rows, call.input_len())?;
-            cache = self.carry_cache(outputs)?;
+            if let Some(observe) = observe.as_mut() {
+                for (name, value) in &outputs {
+                    if !self.manifest.heads.iter().any(|h| h.output == *name) {
+                        let (_, values) = self.engine.download_f32(value)?;
+                        observe(name, &values);
+                    }
+                }
+            }
+            cache = self.carry_cache(&mut outputs)?;
             let model_seconds = started.elapsed().as_secs_f64();
             let started = Instant::now();
             let head_refs: Vec<&[f32]> = heads.iter().map(Vec::as_slice).collect();
@@ -387,7 +421,7 @@ impl<E: Engine> Generator<E> {
     /// Renames this call's `present.*` outputs to the next call's `past.*` inputs.
     fn carry_cache(
         &self,
-        mut outputs: HashMap<String, E::Value>,
+        outputs: &mut HashMap<String, E::Value>,
     ) -> Result<Vec<(String, E::Value)>, RuntimeError> {
         let kv = &self.manifest.kv_cache;
         let mut pairs = vec![(kv.present_key_bias.clone(), kv.past_key_bias.clone())];

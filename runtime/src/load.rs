@@ -9,7 +9,9 @@ use crate::backend::providers::{CudaOptions, ExecutionProvider, ProfileShapes, T
 use crate::backend::tract::TractEngine;
 use crate::backend::GraphKind;
 use crate::decode::Decoded;
-use crate::generate::{natural_order, CallReport, GenerateOptions, Generation, Generator, Prompts};
+use crate::generate::{
+    natural_order, CallReport, GenerateOptions, Generation, Generator, OutputObserver, Prompts,
+};
 use crate::scheduler::{Order, WavefrontPlan};
 use crate::RuntimeError;
 
@@ -240,6 +242,20 @@ impl AnyGenerator {
         match self {
             AnyGenerator::Tract(g) => g.generate(prompts, options, report),
             AnyGenerator::Ort(g) => g.generate(prompts, options, report),
+        }
+    }
+
+    /// See [`Generator::generate_observing`].
+    pub fn generate_observing(
+        &mut self,
+        prompts: &Prompts,
+        options: &GenerateOptions,
+        report: &mut dyn FnMut(&CallReport),
+        observe: &mut OutputObserver,
+    ) -> Result<Generation, RuntimeError> {
+        match self {
+            AnyGenerator::Tract(g) => g.generate_observing(prompts, options, report, observe),
+            AnyGenerator::Ort(g) => g.generate_observing(prompts, options, report, observe),
         }
     }
 }

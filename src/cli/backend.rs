@@ -66,6 +66,16 @@ impl BackendArgs {
         purpose: Purpose,
         order: Option<Order>,
     ) -> anyhow::Result<AnyGenerator> {
+        let (provider, options) = self.load_options(order)?;
+        let (generator, note) = AnyGenerator::open(dir, provider, &options, purpose)?;
+        if let Some(note) = note {
+            eprintln!("narx: {note}");
+        }
+        Ok(generator)
+    }
+
+    /// The backend choice and its settings, for code that opens models itself.
+    pub fn load_options(&self, order: Option<Order>) -> anyhow::Result<(Provider, LoadOptions)> {
         if self.threads == Some(0) {
             return Err(BadInput("--threads must be at least 1".into()).into());
         }
@@ -86,11 +96,7 @@ impl BackendArgs {
             order,
             gpu: self.gpu_options()?,
         };
-        let (generator, note) = AnyGenerator::open(dir, provider, &options, purpose)?;
-        if let Some(note) = note {
-            eprintln!("narx: {note}");
-        }
-        Ok(generator)
+        Ok((provider, options))
     }
 
     fn gpu_options(&self) -> anyhow::Result<GpuOptions> {

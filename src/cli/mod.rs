@@ -2,6 +2,7 @@
 
 mod backend;
 mod bench;
+mod calibrate;
 mod check;
 mod decode;
 mod demo;
@@ -13,6 +14,7 @@ mod run;
 
 use clap::{Parser, Subcommand};
 
+use narx_calibration::CalibrationError;
 use narx_export::checkpoint::CheckpointError;
 use narx_export::ExportError;
 use narx_graphs::GraphError;
@@ -37,6 +39,8 @@ enum Command {
     Run(run::RunArgs),
     /// Measure generation speed: seconds per image, GFLOP/s, memory.
     Bench(bench::BenchArgs),
+    /// INT8 ranges from generations on calibration prompts: TensorRT and ONNX Runtime tables.
+    Calibrate(calibrate::CalibrateArgs),
     /// Check a model directory against what TensorRT's ONNX parser accepts.
     Check(check::CheckArgs),
     /// Decode tokens (from `narx run --tokens-out`) into pictures or video clips.
@@ -55,6 +59,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Export(args) => export::run(args),
         Command::Run(args) => run::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Calibrate(args) => calibrate::run(args),
         Command::Check(args) => check::run(args),
         Command::Decode(args) => decode::run(args),
         Command::Inspect(args) => inspect::run(args),
@@ -76,6 +81,8 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
         } else if let Some(e) = cause.downcast_ref::<ExportError>() {
             e.is_bad_input()
         } else if let Some(e) = cause.downcast_ref::<RuntimeError>() {
+            e.is_bad_input()
+        } else if let Some(e) = cause.downcast_ref::<CalibrationError>() {
             e.is_bad_input()
         } else if let Some(e) = cause.downcast_ref::<GraphError>() {
             !matches!(e, GraphError::Io { .. })

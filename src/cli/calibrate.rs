@@ -1,0 +1,137 @@
+//! `narx calibrate`: INT8 ranges for a model directory from generations on calibration
+//! prompts, written with TensorRT's and ONNX Runtime's tables into a new model directory.
+
+use std::path::PathBuf;
+
+use clap::{Args, ValueEnum};
+
+use narx_calibration::calibrate::{calibrate, CalibrateRequest};
+use narx_calibration::ranges::Method;
+use narx_calibration::tables::DEFAULT_TRT_VERSION;
+use narx_graphs::manifest::{Condition, Manifest};
+use narx_runtime::generate::Prompts;
+
+use super::backend::BackendArgs;
+use super::run::{read_captions, SamplingArgs};
+use super::BadInput;
+
+#[derive(Args)]
+pub struct CalibrateArgs {
+    /// Model directory written by `narx export` (float32).
+    model: PathBuf,
+    /// Calibration classes: numbers and ranges, e.g. `0,5,100..200` (end excluded).
+    #[arg(long, value_delimiter = ',')]
+    classes: Vec<String>,
+    /// Calibration captions for a text-conditional model: safetensors with
+    /// `caption_embeddings` (B, tokens, dim) and `caption_mask` (B, tokens).
+    #[arg(long, conflicts_with = "classes")]
+    captions: Option<PathBuf>,
+    /// Passes over the prompts, each with its own seed.
+    #[arg(long, default_value_t = 1)]
+    samples: usize,
+    /// Prompts per generation.
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    /// How each tensor's clipping range is chosen.
+    #[arg(long, value_enum, default_value = "entropy")]
+    method: MethodArg,
+    /// The percentile for --method percentile.
+    #[arg(long, default_value_t = Method::DEFAULT_PERCENTILE)]
+    percentile: f64,
+    /// The TensorRT version the native cache's header names (NV_TENSORRT_VERSION: 8601 for
+    /// 8.6.1, 100000 for 10.0.0); TensorRT ignores a cache made for another version.
+    #[arg(long, default_value = DEFAULT_TRT_VERSION)]
+    trt_version: String,
+    /// The calibrated model directory to write.
+    #[arg(short, long)]
+    output: PathBuf,
+    /// Replace the output directory if it is a model directory already.
+    #[arg(long)]
+    force: bool,
+    #[command(flatten)]
+    backend: BackendArgs,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum MethodArg {
+    Entropy,
+    Max,
+    Percentile,
+}
+
+/// `0,5,10..13` → `[0, 5, 10, 11, 12]`.
+fn parse_classes(items: &[String]) -> anyhow::Result<Vec<i64>> {
+    let bad = |item: &str| BadInput(format!("--classes: {item:?} is neither N nor A..B"));
+    let mut classes = Vec::new();
+    for item in items.iter().map(|s| s.trim()).filter(|s| !s.is_empty()) {
+        match item.split_once("..") {
+            Some((a, b)) => {
+                let (a, b): (i64, i64) = (
+                    a.parse().map_err(|_| bad(item))?,
+                    b.parse().map_err(|_| bad(item))?,
+                );
+                classes.extend(a..b);
+            }
+            None => classes.push(item.parse().map_err(|_| bad(item))?),
+        }
+    }
+    Ok(classes)
+}
+
+pub fn run(args: CalibrateArgs) -> anyhow::Result<()> {
+    if args.samples == 0 || args.batch == 0 {
+        return Err(BadInput("--samples and --batch must be at least 1".into()).into());
+    }
+    let manifest = Manifest::load(&args.model)?;
+    let sets: Vec<Prompts> = match &manifest.condition {
+        Condition::Class { .. } => {
+            let classes = parse_classes(&args.classes)?;
+            if classes.is_empty() {
+                return Err(BadInput(
+                    "the class list is empty: give calibration classes with --classes".into(),
+                )
+                .into());
+            }
+            classes
+                .chunks(args.batch)
+                .map(|chunk| Prompts::Classes(chunk.to_vec()))
+                .collect()
+        }
+        Condition::Caption { tokens, dim } => {
+            let path = args.captions.as_ref().ok_or_else(|| {
+                BadInput("give calibration captions with --captions F.safetensors".into())
+            })?;
+            vec![read_captions(path, *tokens, *dim)?]
+        }
+    };
+    let prompts: Vec<Prompts> = (0..args.samples)
+        .flat_map(|_| sets.iter().cloned())
+        .collect();
+    let method = match args.method {
+        MethodArg::Entropy => Method::Entropy,
+        MethodArg::Max => Method::Max,
+        MethodArg::Percentile => Method::Percentile(args.percentile),
+    };
+    let (provider, load) = args.backend.load_options(None)?;
+    let calibration = calibrate(&CalibrateRequest {
+        model: &args.model,
+        output: &args.output,
+        prompts,
+        options: args.sampling.options(&manifest)?,
+        method,
+        trt_version: args.trt_version.clone(),
+        provider,
+        load,
+        force: args.force,
+    })?;
+    println!(
+        "calibrated {} tensors over {} generation(s) into {}: calibration.cache (TensorRT), \
+         calibration.flatbuffers (ONNX Runtime), calibration.json",
+        calibration.ranges.len(),
+        calibration.generations,
+        args.output.display()
+    );
+    Ok(())
+}
