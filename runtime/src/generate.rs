@@ -81,7 +81,7 @@ pub struct Generation {
 }
 
 /// Sees a graph output by name, as float32 values.
-pub type OutputObserver = dyn FnMut(&str, &[f32]);
+pub type OutputObserver<'a> = dyn FnMut(&str, &[f32]) + 'a;
 
 /// A loaded model ready to generate.
 pub struct Generator<E: Engine> {
@@ -181,7 +181,7 @@ impl<E: Engine> Generator<E> {
         prompts: &Prompts,
         options: &GenerateOptions,
         report: &mut dyn FnMut(&CallReport),
-        observe: &mut OutputObserver,
+        observe: &mut OutputObserver<'_>,
     ) -> Result<Generation, RuntimeError> {
         self.run_generation(prompts, options, report, Some(observe))
     }
@@ -191,7 +191,7 @@ impl<E: Engine> Generator<E> {
         prompts: &Prompts,
         options: &GenerateOptions,
         report: &mut dyn FnMut(&CallReport),
-        mut observe: Option<&mut OutputObserver>,
+        mut observe: Option<&mut OutputObserver<'_>>,
     ) -> Result<Generation, RuntimeError> {
         options.sampling.validate()?;
         let interval = usize::try_from(options.cfg_interval).ok();

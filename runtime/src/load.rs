@@ -251,7 +251,7 @@ impl AnyGenerator {
         prompts: &Prompts,
         options: &GenerateOptions,
         report: &mut dyn FnMut(&CallReport),
-        observe: &mut OutputObserver,
+        observe: &mut OutputObserver<'_>,
     ) -> Result<Generation, RuntimeError> {
         match self {
             AnyGenerator::Tract(g) => g.generate_observing(prompts, options, report, observe),
