@@ -6,12 +6,16 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use narx_export::model_dir::Staging;
-use narx_graphs::manifest::{CalibrationFiles, Manifest};
+use narx_graphs::manifest::{CalibrationFiles, GraphFile, Manifest};
+use narx_graphs::onnx::TensorProto;
+use narx_graphs::qdq::quantize;
+use narx_graphs::weights::WeightStore;
 use narx_graphs::{decode_model, encode_model, DType, GraphError};
 use narx_runtime::generate::{GenerateOptions, Prompts};
 use narx_runtime::load::{AnyGenerator, LoadOptions, Provider, Purpose};
 
 use crate::observe::{activation_inputs, expose, Observations};
+use crate::quality::{compare, Quality};
 use crate::ranges::Method;
 use crate::tables::{ort_trt_table, trt_cache, Calibrator};
 use crate::CalibrationError;
@@ -20,15 +24,22 @@ use crate::CalibrationError;
 pub const RANGES_FILE: &str = "calibration.json";
 pub const TRT_CACHE_FILE: &str = "calibration.cache";
 pub const ORT_TABLE_FILE: &str = "calibration.flatbuffers";
+pub const QUALITY_FILE: &str = "quality.json";
 
 /// Where the calibration build of the graphs runs, inside the staging directory.
 const WORK_DIR: &str = "calibration-run";
+/// The QDQ model directory, inside the calibrated one.
+pub const QDQ_DIR: &str = "int8";
 
 pub struct CalibrateRequest<'a> {
     pub model: &'a Path,
     pub output: &'a Path,
     /// One generation per entry (a batch of prompts each).
     pub prompts: Vec<Prompts>,
+    /// Held-out prompts for the quality report.
+    pub holdout: Vec<Prompts>,
+    /// A float16 export of the same model, to report beside the QDQ model.
+    pub fp16_model: Option<&'a Path>,
     pub options: GenerateOptions,
     pub method: Method,
     pub trt_version: String,
@@ -42,6 +53,8 @@ pub struct CalibrateRequest<'a> {
 pub struct Calibration {
     pub ranges: Vec<(String, f32)>,
     pub generations: usize,
+    pub qdq: Quality,
+    pub fp16: Option<Quality>,
 }
 
 pub fn calibrate(request: &CalibrateRequest) -> Result<Calibration, CalibrationError> {
@@ -66,6 +79,14 @@ pub fn calibrate(request: &CalibrateRequest) -> Result<Calibration, CalibrationE
     let ranges = ranges(&observations, request.method)?;
     let mut manifest = manifest;
     write_tables(staging.path(), &ranges, request)?;
+    write_qdq_model(
+        request.model,
+        &manifest,
+        &ranges,
+        request.method,
+        staging.path(),
+    )?;
+    let (qdq, fp16) = write_quality(request, staging.path())?;
     manifest.calibration = Some(CalibrationFiles {
         method: method_name(request.method),
         generations: request.prompts.len(),
@@ -74,12 +95,16 @@ pub fn calibrate(request: &CalibrateRequest) -> Result<Calibration, CalibrationE
         trt_cache: TRT_CACHE_FILE.into(),
         trt_version: request.trt_version.clone(),
         ort_table: ORT_TABLE_FILE.into(),
+        qdq_model: QDQ_DIR.into(),
+        quality: QUALITY_FILE.into(),
     });
     manifest.save(staging.path()).map_err(graph_error)?;
     staging.commit().map_err(export_error)?;
     Ok(Calibration {
         ranges,
         generations: request.prompts.len(),
+        qdq,
+        fp16,
     })
 }
 
@@ -191,6 +216,110 @@ fn write_tables(
         std::fs::write(&path, bytes).map_err(|e| io_error(&path, e))?;
     }
     Ok(())
+}
+
+/// The QDQ model under `dir/int8/`: the same manifest with every graph rewritten by
+/// [`narx_graphs::qdq::quantize`] (the decoders only move their weights) and one new weight
+/// file holding the INT8 weights and the float ones still used.
+fn write_qdq_model(
+    model: &Path,
+    manifest: &Manifest,
+    ranges: &[(String, f32)],
+    method: Method,
+    dir: &Path,
+) -> Result<(), CalibrationError> {
+    let out = dir.join(QDQ_DIR);
+    std::fs::create_dir(&out).map_err(|e| io_error(&out, e))?;
+    let ranges: BTreeMap<String, f32> = ranges.iter().cloned().collect();
+    let weights_path = model.join(&manifest.weights.file);
+    let weights = std::fs::read(&weights_path).map_err(|e| io_error(&weights_path, e))?;
+    let read = |tensor: &TensorProto| external_bytes(tensor, &weights);
+    let mut store = WeightStore::external(&out, &manifest.weights.file).map_err(graph_error)?;
+    let mut qdq = manifest.clone();
+    qdq.calibration = None;
+    qdq.quantization = Some(format!(
+        "int8 QDQ: activations per tensor ({}), weights per output channel, symmetric",
+        method_name(method)
+    ));
+    let decoder = qdq
+        .vq_decoder
+        .as_mut()
+        .map(|d| &mut d.graph)
+        .or(qdq.larp_decoder.as_mut().map(|d| &mut d.graph));
+    let graphs = [
+        (&mut qdq.graphs.prefill, true),
+        (&mut qdq.graphs.step, true),
+    ]
+    .into_iter()
+    .chain(decoder.map(|g| (g, false)));
+    for (graph, quantise) in graphs {
+        let path = model.join(&graph.file);
+        let bytes = std::fs::read(&path).map_err(|e| io_error(&path, e))?;
+        let original = decode_model(&bytes).map_err(graph_error)?;
+        let rewritten = quantize(&original, quantise.then_some(&ranges), &read, &mut store)
+            .map_err(graph_error)?;
+        let encoded = encode_model(&rewritten);
+        let file = out.join(&graph.file);
+        std::fs::write(&file, &encoded).map_err(|e| io_error(&file, e))?;
+        *graph = GraphFile::describe(&graph.file, encoded.len() as u64, &rewritten)
+            .map_err(graph_error)?;
+    }
+    qdq.weights.bytes = store.finish().map_err(graph_error)?;
+    qdq.save(&out).map_err(graph_error)
+}
+
+/// Compares the QDQ model (and the float16 export, if given) with the float32 model on the
+/// held-out prompts; writes `quality.json` (keys `qdq.*`, `fp16.*`).
+fn write_quality(
+    request: &CalibrateRequest,
+    dir: &Path,
+) -> Result<(Quality, Option<Quality>), CalibrationError> {
+    let against = |candidate: &Path| {
+        compare(
+            request.model,
+            candidate,
+            &request.holdout,
+            &request.options,
+            request.provider,
+            &request.load,
+        )
+    };
+    let qdq = against(&dir.join(QDQ_DIR))?;
+    let fp16 = request.fp16_model.map(against).transpose()?;
+    let mut report = serde_json::json!({
+        "prompts": request.holdout.iter().map(Prompts::len).sum::<usize>(),
+        "qdq": qdq.to_json(),
+    });
+    if let Some(fp16) = fp16 {
+        report["fp16"] = fp16.to_json();
+    }
+    let path = dir.join(QUALITY_FILE);
+    let text = serde_json::to_string_pretty(&report)
+        .map_err(|e| CalibrationError::Table(e.to_string()))?;
+    std::fs::write(&path, text + "\n").map_err(|e| io_error(&path, e))?;
+    Ok((qdq, fp16))
+}
+
+/// An initializer's bytes: inline, or from the model's weight file.
+fn external_bytes(tensor: &TensorProto, weights: &[u8]) -> Result<Vec<u8>, GraphError> {
+    if tensor.external_data.is_empty() {
+        return Ok(tensor.raw_data.clone().unwrap_or_default());
+    }
+    let field = |key: &str| {
+        tensor
+            .external_data
+            .iter()
+            .find(|e| e.key.as_deref() == Some(key))
+            .and_then(|e| e.value.as_deref()?.parse::<usize>().ok())
+    };
+    let name = tensor.name.as_deref().unwrap_or("?");
+    let (offset, length) = field("offset")
+        .zip(field("length"))
+        .ok_or_else(|| GraphError::Invalid(format!("{name}: no external offset and length")))?;
+    weights
+        .get(offset..offset + length)
+        .map(<[u8]>::to_vec)
+        .ok_or_else(|| GraphError::Invalid(format!("{name}: outside the weight file")))
 }
 
 fn method_name(method: Method) -> String {

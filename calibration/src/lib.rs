@@ -15,6 +15,7 @@
 pub mod calibrate;
 pub mod histogram;
 pub mod observe;
+pub mod quality;
 pub mod ranges;
 pub mod tables;
 

@@ -338,6 +338,7 @@ fn manifest(
         vq_decoder: None,
         larp_decoder: None,
         calibration: None,
+        quantization: None,
     })
 }
 

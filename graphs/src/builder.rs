@@ -33,6 +33,8 @@ pub enum DType {
     F16,
     I64,
     Bool,
+    /// Quantised weights (QDQ models).
+    I8,
 }
 
 impl DType {
@@ -42,6 +44,7 @@ impl DType {
             DType::F16 => DataType::Float16,
             DType::I64 => DataType::Int64,
             DType::Bool => DataType::Bool,
+            DType::I8 => DataType::Int8,
         }
     }
 
@@ -51,6 +54,7 @@ impl DType {
             DataType::Float16 => Some(DType::F16),
             DataType::Int64 => Some(DType::I64),
             DataType::Bool => Some(DType::Bool),
+            DataType::Int8 => Some(DType::I8),
             _ => None,
         }
     }
@@ -60,7 +64,7 @@ impl DType {
             DType::F32 => 4,
             DType::F16 => 2,
             DType::I64 => 8,
-            DType::Bool => 1,
+            DType::Bool | DType::I8 => 1,
         }
     }
 

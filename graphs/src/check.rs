@@ -1356,6 +1356,7 @@ mod tests {
             vq_decoder,
             larp_decoder,
             calibration: None,
+            quantization: None,
         };
         manifest.save(dir).unwrap();
         // What `narx run` would accept.

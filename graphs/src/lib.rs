@@ -9,6 +9,7 @@ pub mod larp;
 pub mod manifest;
 pub mod nar;
 mod ops;
+pub mod qdq;
 pub mod vq;
 pub mod weights;
 

@@ -79,6 +79,10 @@ pub struct Manifest {
     /// INT8 ranges from `narx calibrate`, when the directory has them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub calibration: Option<CalibrationFiles>,
+    /// How the graphs are quantised, for a QDQ model directory (`narx calibrate` writes one
+    /// under `int8/`); absent for float models.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantization: Option<String>,
 }
 
 /// What `narx calibrate` measured and wrote: one clipping range (`amax`, the |x| that maps
@@ -99,6 +103,10 @@ pub struct CalibrationFiles {
     pub trt_version: String,
     /// ONNX Runtime's TensorRT calibration table (flatbuffers).
     pub ort_table: String,
+    /// The QDQ model directory made from the ranges, relative to this one.
+    pub qdq_model: String,
+    /// What quantisation costs against float32 on held-out prompts (JSON).
+    pub quality: String,
 }
 
 /// The LARP decoder graph: `codes (batch, T·H·W)` → `video (batch, 3, frames, height,

@@ -170,7 +170,27 @@ impl<E: Engine> Generator<E> {
         options: &GenerateOptions,
         report: &mut dyn FnMut(&CallReport),
     ) -> Result<Generation, RuntimeError> {
-        self.run_generation(prompts, options, report, None)
+        self.run_generation(prompts, options, report, None, None)
+    }
+
+    /// Teacher forcing: generates as [`Self::generate`] reports it, but feeds the model
+    /// `forced` (one raster-order token grid per prompt) instead of its own choices, so two
+    /// models can be compared call by call on the same inputs.
+    pub fn generate_forced(
+        &mut self,
+        prompts: &Prompts,
+        options: &GenerateOptions,
+        forced: &[Vec<u32>],
+        report: &mut dyn FnMut(&CallReport),
+    ) -> Result<Generation, RuntimeError> {
+        let cells = self.plan.cell_count();
+        if forced.len() != prompts.len() || forced.iter().any(|g| g.len() != cells) {
+            return Err(RuntimeError::BadInput(format!(
+                "forced tokens must be {} grids of {cells} tokens",
+                prompts.len()
+            )));
+        }
+        self.run_generation(prompts, options, report, None, Some(forced))
     }
 
     /// [`Self::generate`], handing `observe` every graph output except the heads' logits, by
@@ -183,7 +203,7 @@ impl<E: Engine> Generator<E> {
         report: &mut dyn FnMut(&CallReport),
         observe: &mut OutputObserver<'_>,
     ) -> Result<Generation, RuntimeError> {
-        self.run_generation(prompts, options, report, Some(observe))
+        self.run_generation(prompts, options, report, Some(observe), None)
     }
 
     fn run_generation(
@@ -192,6 +212,7 @@ impl<E: Engine> Generator<E> {
         options: &GenerateOptions,
         report: &mut dyn FnMut(&CallReport),
         mut observe: Option<&mut OutputObserver<'_>>,
+        forced: Option<&[Vec<u32>]>,
     ) -> Result<Generation, RuntimeError> {
         options.sampling.validate()?;
         let interval = usize::try_from(options.cfg_interval).ok();
@@ -281,6 +302,14 @@ impl<E: Engine> Generator<E> {
                 &mut tokens,
             )?;
             call.place(&tokens, batch, &mut grid_tokens)?;
+            if let Some(forced) = forced {
+                for (image, grid) in forced.iter().enumerate() {
+                    for produced in call.produced() {
+                        let cell = produced.cell().raster();
+                        grid_tokens[image * cells + cell] = grid[cell];
+                    }
+                }
+            }
             report(&CallReport {
                 call,
                 calls,

@@ -245,6 +245,20 @@ impl AnyGenerator {
         }
     }
 
+    /// See [`Generator::generate_forced`].
+    pub fn generate_forced(
+        &mut self,
+        prompts: &Prompts,
+        options: &GenerateOptions,
+        forced: &[Vec<u32>],
+        report: &mut dyn FnMut(&CallReport),
+    ) -> Result<Generation, RuntimeError> {
+        match self {
+            AnyGenerator::Tract(g) => g.generate_forced(prompts, options, forced, report),
+            AnyGenerator::Ort(g) => g.generate_forced(prompts, options, forced, report),
+        }
+    }
+
     /// See [`Generator::generate_observing`].
     pub fn generate_observing(
         &mut self,

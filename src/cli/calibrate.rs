@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use clap::{Args, ValueEnum};
 
 use narx_calibration::calibrate::{calibrate, CalibrateRequest};
+use narx_calibration::quality::Quality;
 use narx_calibration::ranges::Method;
 use narx_calibration::tables::DEFAULT_TRT_VERSION;
 use narx_graphs::manifest::{Condition, Manifest};
@@ -32,6 +33,14 @@ pub struct CalibrateArgs {
     /// Prompts per generation.
     #[arg(long, default_value_t = 8)]
     batch: usize,
+    /// Held-out classes for the quality report (default: the first --batch classes not
+    /// calibrated on).
+    #[arg(long, value_delimiter = ',')]
+    holdout_classes: Vec<String>,
+    /// A float16 export of the same model (`narx export --dtype fp16`), reported beside the
+    /// INT8 model.
+    #[arg(long)]
+    fp16_model: Option<PathBuf>,
     /// How each tensor's clipping range is chosen.
     #[arg(long, value_enum, default_value = "entropy")]
     method: MethodArg,
@@ -85,8 +94,8 @@ pub fn run(args: CalibrateArgs) -> anyhow::Result<()> {
         return Err(BadInput("--samples and --batch must be at least 1".into()).into());
     }
     let manifest = Manifest::load(&args.model)?;
-    let sets: Vec<Prompts> = match &manifest.condition {
-        Condition::Class { .. } => {
+    let (sets, holdout): (Vec<Prompts>, Vec<Prompts>) = match &manifest.condition {
+        Condition::Class { num_classes, .. } => {
             let classes = parse_classes(&args.classes)?;
             if classes.is_empty() {
                 return Err(BadInput(
@@ -94,16 +103,30 @@ pub fn run(args: CalibrateArgs) -> anyhow::Result<()> {
                 )
                 .into());
             }
-            classes
-                .chunks(args.batch)
-                .map(|chunk| Prompts::Classes(chunk.to_vec()))
-                .collect()
+            let mut holdout = parse_classes(&args.holdout_classes)?;
+            if holdout.is_empty() {
+                holdout = (0..*num_classes as i64)
+                    .filter(|c| !classes.contains(c))
+                    .take(args.batch)
+                    .collect();
+            }
+            if holdout.is_empty() {
+                // Every class was calibrated on: nothing is held out, so reuse the first.
+                holdout.extend(classes.iter().take(args.batch));
+            }
+            let batches = |list: &[i64]| -> Vec<Prompts> {
+                list.chunks(args.batch)
+                    .map(|chunk| Prompts::Classes(chunk.to_vec()))
+                    .collect()
+            };
+            (batches(&classes), batches(&holdout))
         }
         Condition::Caption { tokens, dim } => {
             let path = args.captions.as_ref().ok_or_else(|| {
                 BadInput("give calibration captions with --captions F.safetensors".into())
             })?;
-            vec![read_captions(path, *tokens, *dim)?]
+            let captions = read_captions(path, *tokens, *dim)?;
+            (vec![captions.clone()], vec![captions])
         }
     };
     let prompts: Vec<Prompts> = (0..args.samples)
@@ -119,6 +142,8 @@ pub fn run(args: CalibrateArgs) -> anyhow::Result<()> {
         model: &args.model,
         output: &args.output,
         prompts,
+        holdout,
+        fp16_model: args.fp16_model.as_deref(),
         options: args.sampling.options(&manifest)?,
         method,
         trt_version: args.trt_version.clone(),
@@ -128,10 +153,24 @@ pub fn run(args: CalibrateArgs) -> anyhow::Result<()> {
     })?;
     println!(
         "calibrated {} tensors over {} generation(s) into {}: calibration.cache (TensorRT), \
-         calibration.flatbuffers (ONNX Runtime), calibration.json",
+         calibration.flatbuffers (ONNX Runtime), calibration.json, the INT8 QDQ model in \
+         int8/, quality.json",
         calibration.ranges.len(),
         calibration.generations,
         args.output.display()
     );
+    println!("  against float32 on held-out prompts   top-1 agreement   mean KL   tokens agree");
+    let row = |name: &str, q: &Quality| {
+        println!(
+            "  {name:38} {:>14.1}%  {:>8.4}  {:>12.1}%",
+            100.0 * q.top1_agreement,
+            q.mean_kl,
+            100.0 * q.token_agreement
+        )
+    };
+    row("int8 (QDQ)", &calibration.qdq);
+    if let Some(fp16) = &calibration.fp16 {
+        row("float16", fp16);
+    }
     Ok(())
 }

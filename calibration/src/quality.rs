@@ -1,0 +1,155 @@
+//! What quantisation costs: a candidate model (the QDQ model, or a float16 export) against
+//! the float32 model on held-out prompts.
+//!
+//! - `top1_agreement`: the float32 model generates greedily; the candidate is fed the same
+//!   tokens (teacher forcing) and, at every call and produced cell, its guided logits' arg-max
+//!   is compared with float32's.
+//! - `mean_kl`: over the same cells, `KL(softmax(float32) ‖ softmax(candidate))` of the guided
+//!   logits.
+//! - `token_agreement`: both generate greedily on their own; the fraction of grid cells where
+//!   the final tokens agree (one early difference changes everything after it, so this is
+//!   the strictest figure).
+
+use std::path::Path;
+
+use serde_json::json;
+
+use narx_runtime::generate::{GenerateOptions, Prompts};
+use narx_runtime::load::{AnyGenerator, LoadOptions, Provider, Purpose};
+use narx_runtime::sampling::SamplingParams;
+
+use crate::CalibrationError;
+
+/// The three figures for one candidate.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Quality {
+    pub top1_agreement: f64,
+    pub mean_kl: f64,
+    pub token_agreement: f64,
+    /// Cells compared for the first two.
+    pub cells: usize,
+}
+
+impl Quality {
+    pub fn to_json(self) -> serde_json::Value {
+        json!({
+            "top1_agreement": self.top1_agreement,
+            "mean_kl": self.mean_kl,
+            "token_agreement": self.token_agreement,
+            "cells": self.cells,
+        })
+    }
+}
+
+/// Compares `candidate` with `reference` (both model directories) on `prompts`, with the
+/// guidance of `options` and greedy decoding.
+pub fn compare(
+    reference: &Path,
+    candidate: &Path,
+    prompts: &[Prompts],
+    options: &GenerateOptions,
+    provider: Provider,
+    load: &LoadOptions,
+) -> Result<Quality, CalibrationError> {
+    let run_error = |e: narx_runtime::RuntimeError| CalibrationError::Run(e.to_string());
+    let open = |dir: &Path| {
+        AnyGenerator::open(dir, provider, load, Purpose::Generate)
+            .map(|(g, _)| g)
+            .map_err(run_error)
+    };
+    let (mut float, mut other) = (open(reference)?, open(candidate)?);
+    let greedy = GenerateOptions {
+        sampling: SamplingParams {
+            greedy: true,
+            ..options.sampling
+        },
+        ..options.clone()
+    };
+    let vocab = float.manifest().vocab_size;
+    let (mut agree, mut cells, mut kl_sum) = (0usize, 0usize, 0f64);
+    let (mut same_tokens, mut tokens) = (0usize, 0usize);
+    for batch in prompts {
+        let mut guided_reference = Vec::new();
+        let reference_run = float
+            .generate(batch, &greedy, &mut |r| {
+                guided_reference.push(r.guided.to_vec())
+            })
+            .map_err(run_error)?;
+        let mut call = 0;
+        other
+            .generate_forced(batch, &greedy, &reference_run.tokens, &mut |r| {
+                for (want, got) in guided_reference[call]
+                    .chunks_exact(vocab)
+                    .zip(r.guided.chunks_exact(vocab))
+                {
+                    agree += usize::from(argmax(want) == argmax(got));
+                    kl_sum += kl(want, got);
+                    cells += 1;
+                }
+                call += 1;
+            })
+            .map_err(run_error)?;
+        let free = other
+            .generate(batch, &greedy, &mut |_| {})
+            .map_err(run_error)?;
+        for (a, b) in reference_run.tokens.iter().zip(&free.tokens) {
+            same_tokens += a.iter().zip(b).filter(|(x, y)| x == y).count();
+            tokens += a.len();
+        }
+    }
+    let ratio = |n: usize, d: usize| if d == 0 { 0.0 } else { n as f64 / d as f64 };
+    Ok(Quality {
+        top1_agreement: ratio(agree, cells),
+        mean_kl: if cells == 0 {
+            0.0
+        } else {
+            kl_sum / cells as f64
+        },
+        token_agreement: ratio(same_tokens, tokens),
+        cells,
+    })
+}
+
+fn argmax(row: &[f32]) -> usize {
+    row.iter()
+        .enumerate()
+        .fold((0, f32::NEG_INFINITY), |best, (i, &v)| {
+            if v > best.1 {
+                (i, v)
+            } else {
+                best
+            }
+        })
+        .0
+}
+
+/// `KL(softmax(p) ‖ softmax(q))` from logits, in f64.
+fn kl(p: &[f32], q: &[f32]) -> f64 {
+    let log_softmax = |x: &[f32]| {
+        let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+        let sum: f64 = x.iter().map(|&v| (v as f64 - max).exp()).sum();
+        let log_sum = sum.ln() + max;
+        x.iter().map(|&v| v as f64 - log_sum).collect::<Vec<f64>>()
+    };
+    let (lp, lq) = (log_softmax(p), log_softmax(q));
+    lp.iter()
+        .zip(&lq)
+        .map(|(a, b)| a.exp() * (a - b))
+        .sum::<f64>()
+        .max(0.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kl_and_argmax_by_hand() {
+        assert_eq!(argmax(&[1.0, 3.0, 3.0, 2.0]), 1);
+        assert!(kl(&[0.0, 1.0], &[0.0, 1.0]).abs() < 1e-12);
+        // softmax([0, ln 3]) = [0.25, 0.75]; softmax([0, 0]) = [0.5, 0.5].
+        let got = kl(&[0.0, 3f32.ln()], &[0.0, 0.0]);
+        let want = 0.25 * 0.5f64.ln() + 0.75 * 1.5f64.ln();
+        assert!((got - want).abs() < 1e-6, "{got} vs {want}");
+    }
+}
