@@ -202,6 +202,30 @@ fn video_from_checkpoint_to_gif_clips_and_frames() {
         .map(|at| u16::from_le_bytes([bytes[at + 4], bytes[at + 5]]));
     assert_eq!(delay, Some(10), "GIF delay in hundredths of a second");
 
+    // The LARP fixture's own codes, decoded by the CLI into a GIF: 12 frames of 32×32.
+    let codes = Reference::load("larp-tiny").i64("codes").1;
+    let codes_file = t.join("codes.json");
+    std::fs::write(
+        &codes_file,
+        serde_json::json!({ "tokens": [codes], "grid": [3, 4, 4] }).to_string(),
+    )
+    .unwrap();
+    let fixture_gif = t.join("fixture.gif");
+    let output = narx(&[
+        "decode",
+        path_str(&dir),
+        "--tokens",
+        path_str(&codes_file),
+        "-o",
+        path_str(&fixture_gif),
+        "--provider",
+        "tract",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let frames = gif_frames(&fixture_gif);
+    assert_eq!(frames.len(), 12);
+    assert!(frames.iter().all(|f| f.dimensions() == (32, 32)));
+
     // `narx decode` of the written tokens on ONNX Runtime gives the same frames.
     let decoded = t.join("decoded.gif");
     let output = narx(&[
