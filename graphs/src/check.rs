@@ -1150,25 +1150,10 @@ mod tests {
         Condition, DecoderFile, Family, GraphFile, Graphs, Head, KvCache, LarpDecoderFile,
         SamplingDefaults, TensorRtSettings, WeightsFile,
     };
-    use crate::nar::{
-        self, ConditionKind, ModelArgs, ModelConfig, NarSpec, ParamSource, VideoArgs,
-    };
+    use crate::nar::Zeros;
+    use crate::nar::{self, ConditionKind, ModelArgs, ModelConfig, NarSpec, VideoArgs};
     use crate::vq::{self, VqConfig};
     use crate::weights::WeightStore;
-
-    /// Every tensor a config lists, filled with zeros (the check reads no values).
-    struct Zeros(Vec<(String, Vec<usize>)>);
-
-    impl ParamSource for Zeros {
-        fn read_f32(&self, name: &str) -> Result<Vec<f32>, GraphError> {
-            let (_, shape) = self
-                .0
-                .iter()
-                .find(|(n, _)| n == name)
-                .ok_or_else(|| GraphError::Param(format!("missing {name}")))?;
-            Ok(vec![0.0; shape.iter().product()])
-        }
-    }
 
     fn image() -> ModelConfig {
         ModelConfig::Image(ModelArgs {

@@ -21,7 +21,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::builder::{ConstData, DType, Dim, GraphBuilder, Value};
-use crate::nar::{f32_param, ParamSource};
+use crate::nar::{f32_param, transposed, ParamSource};
 use crate::onnx::ModelProto;
 use crate::vq::l2_normalize_rows;
 use crate::weights::WeightStore;
@@ -517,13 +517,7 @@ impl Decoder<'_> {
                 &[inputs, outputs],
                 || {
                     let values = self.params.read_f32_exact(&weight, outputs * inputs)?;
-                    let mut t = vec![0f32; values.len()];
-                    for (r, row) in values.chunks_exact(inputs).enumerate() {
-                        for (c, &v) in row.iter().enumerate() {
-                            t[c * outputs + r] = v;
-                        }
-                    }
-                    Ok(ConstData::F32(t))
+                    Ok(ConstData::F32(transposed(&values, outputs, inputs)))
                 },
             )?;
             let y = b.matmul(x, w)?;
@@ -748,6 +742,7 @@ mod tests {
     use std::collections::{BTreeMap, HashSet};
 
     use super::*;
+    use crate::nar::{assert_missing_and_misshapen, Zeros};
 
     fn fixture_reference() -> serde_json::Value {
         let path = concat!(
@@ -1014,20 +1009,6 @@ mod tests {
         assert!(e.contains("too large"), "{e}");
     }
 
-    /// Every tensor a config lists, filled with zeros (shapes only matter here).
-    struct Zeros(Vec<(String, Vec<usize>)>);
-
-    impl ParamSource for Zeros {
-        fn read_f32(&self, name: &str) -> Result<Vec<f32>, GraphError> {
-            let (_, shape) = self
-                .0
-                .iter()
-                .find(|(n, _)| n == name)
-                .ok_or_else(|| GraphError::Param(format!("missing {name}")))?;
-            Ok(vec![0.0; shape.iter().product()])
-        }
-    }
-
     /// The name a listed checkpoint tensor has among the graph's initializers.
     fn stored_name(name: &str, config: &LarpConfig) -> String {
         if name == CODEBOOK && config.bottleneck.args.regularizer.args.l2_normalized {
@@ -1093,22 +1074,12 @@ mod tests {
     #[test]
     fn missing_or_misshapen_tensors_are_errors() {
         let config = tiny();
-        let mut listed = config.parameters();
-        listed.retain(|(n, _)| n != "decoder.blocks.1.mlp.fc2.bias");
-        let err = build_decoder(&config, &Zeros(listed), &mut WeightStore::inline())
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("decoder.blocks.1.mlp.fc2.bias"), "{err}");
-        let mut listed = config.parameters();
-        for (name, shape) in &mut listed {
-            if name == "final_layer.linear.weight" {
-                shape[0] = 700;
-            }
-        }
-        let err = build_decoder(&config, &Zeros(listed), &mut WeightStore::inline())
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("final_layer.linear.weight"), "{err}");
+        assert_missing_and_misshapen(
+            &config.parameters(),
+            "decoder.blocks.1.mlp.fc2.bias",
+            "final_layer.linear.weight",
+            |params| build_decoder(&config, params, &mut WeightStore::inline()),
+        );
     }
 
     /// Linear weights are stored transposed, and the codebook normalised.

@@ -599,6 +599,7 @@ fn swish(b: &mut GraphBuilder, x: Value) -> Result<Value, GraphError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nar::{assert_missing_and_misshapen, Zeros};
 
     /// The fixture's tokenizer (`vq16-tiny`): VQ-16 shape with narrower channels.
     fn tiny() -> VqConfig {
@@ -738,20 +739,6 @@ mod tests {
         ));
     }
 
-    /// Every tensor a small config lists, filled with zeros (shapes only matter here).
-    struct Zeros(Vec<(String, Vec<usize>)>);
-
-    impl ParamSource for Zeros {
-        fn read_f32(&self, name: &str) -> Result<Vec<f32>, GraphError> {
-            let (_, shape) = self
-                .0
-                .iter()
-                .find(|(n, _)| n == name)
-                .ok_or_else(|| GraphError::Param(format!("missing {name}")))?;
-            Ok(vec![0.0; shape.iter().product()])
-        }
-    }
-
     fn small() -> VqConfig {
         VqConfig {
             codebook_size: 16,
@@ -820,22 +807,12 @@ mod tests {
     #[test]
     fn missing_or_misshapen_tensors_are_errors() {
         let config = small();
-        let mut listed = config.parameters();
-        listed.retain(|(n, _)| n != "decoder.conv_out.bias");
-        let err = build_decoder(&config, &Zeros(listed), &mut WeightStore::inline())
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("decoder.conv_out.bias"), "{err}");
-        let mut listed = config.parameters();
-        for (name, shape) in &mut listed {
-            if name == "quantize.embedding.weight" {
-                shape[0] = 15;
-            }
-        }
-        let err = build_decoder(&config, &Zeros(listed), &mut WeightStore::inline())
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("quantize.embedding.weight"), "{err}");
+        assert_missing_and_misshapen(
+            &config.parameters(),
+            "decoder.conv_out.bias",
+            "quantize.embedding.weight",
+            |params| build_decoder(&config, params, &mut WeightStore::inline()),
+        );
     }
 
     #[test]

@@ -206,14 +206,39 @@ pub fn write_fixture_config(name: &str, path: &Path) {
 
 /// Runs the decoder graph on `codes` and returns its float output `output` (`image` for the
 /// VQ decoder, `video` for LARP).
-pub fn decode_raw<E: Engine>(
-    engine: &mut E,
-    codes: (Vec<usize>, Vec<i64>),
-    output: &str,
-) -> (Vec<usize>, Vec<f32>) {
+fn decode_raw<E: Engine>(engine: &mut E, codes: (Vec<usize>, Vec<i64>), output: &str) -> Tensor {
     let input = engine.upload(HostTensor::I64(codes.0, codes.1)).unwrap();
     let mut out = engine
         .run(GraphKind::Decoder, vec![("codes".into(), input)])
         .unwrap();
     engine.download_f32(&out.remove(output).unwrap()).unwrap()
+}
+
+/// A float tensor: its shape and values.
+pub type Tensor = (Vec<usize>, Vec<f32>);
+
+/// The decoder's float output for `codes` on tract and on ONNX Runtime, by backend.
+pub fn decode_on_both_backends(
+    dir: &Path,
+    codes: (Vec<usize>, Vec<i64>),
+    output: &str,
+) -> [(&'static str, Tensor); 2] {
+    [
+        (
+            "tract",
+            decode_raw(&mut tract_engine(dir), codes.clone(), output),
+        ),
+        (
+            "onnxruntime",
+            decode_raw(&mut ort_engine(dir), codes, output),
+        ),
+    ]
+}
+
+/// The largest absolute difference between two equally long float slices.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max)
 }

@@ -11,8 +11,8 @@ use narx_runtime::picture::{generated_after, greyed, to_pixels, trace_frames};
 use narx_runtime::scheduler::WavefrontPlan;
 
 use crate::common::{
-    assert_bad_input, decode_raw, fixture, gif_frames, model_config, narx, ort_engine,
-    reference_json, stderr, tract_engine, Reference,
+    assert_bad_input, decode_on_both_backends, fixture, gif_frames, max_abs_diff, model_config,
+    narx, reference_json, stderr, Reference,
 };
 
 fn vq_config() -> VqConfig {
@@ -54,22 +54,9 @@ fn vq_decoder_matches_upstream_on_tract_and_onnxruntime() {
     let crate::common::Data::U8(expected_pixels) = pixel_bytes else {
         panic!("pixels are uint8")
     };
-    for (backend, (got_shape, got)) in [
-        (
-            "tract",
-            decode_raw(&mut tract_engine(&dir), codes.clone(), "image"),
-        ),
-        (
-            "onnxruntime",
-            decode_raw(&mut ort_engine(&dir), codes.clone(), "image"),
-        ),
-    ] {
+    for (backend, (got_shape, got)) in decode_on_both_backends(&dir, codes, "image") {
         assert_eq!(got_shape, shape, "{backend}");
-        let worst = got
-            .iter()
-            .zip(&expected)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        let worst = max_abs_diff(&got, &expected);
         assert!(worst < 1e-3, "{backend}: image differs by up to {worst}");
         let pictures = to_pixels(&got, shape.clone().try_into().unwrap()).unwrap();
         let ours: Vec<u8> = pictures.iter().flat_map(|p| p.as_raw().clone()).collect();

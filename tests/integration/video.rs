@@ -11,8 +11,8 @@ use narx_graphs::DType;
 use narx_runtime::video::to_clips;
 
 use crate::common::{
-    assert_bad_input, decode_raw, fixture, gif_frames, model_config, narx, ort_engine,
-    reference_json, stderr, stdout, tract_engine, write_fixture_config, Data, Reference,
+    assert_bad_input, decode_on_both_backends, fixture, gif_frames, max_abs_diff, model_config,
+    narx, reference_json, stderr, stdout, write_fixture_config, Data, Reference,
 };
 
 fn larp_config() -> LarpConfig {
@@ -51,22 +51,9 @@ fn larp_decoder_matches_upstream_on_tract_and_onnxruntime() {
     let Some((_, Data::U8(expected_pixels))) = reference.get("pixels") else {
         panic!("the fixture's pixels are uint8")
     };
-    for (backend, (got_shape, got)) in [
-        (
-            "tract",
-            decode_raw(&mut tract_engine(&dir), codes.clone(), "video"),
-        ),
-        (
-            "onnxruntime",
-            decode_raw(&mut ort_engine(&dir), codes.clone(), "video"),
-        ),
-    ] {
+    for (backend, (got_shape, got)) in decode_on_both_backends(&dir, codes, "video") {
         assert_eq!(got_shape, shape, "{backend}");
-        let worst = got
-            .iter()
-            .zip(&expected)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        let worst = max_abs_diff(&got, &expected);
         assert!(worst < 1e-3, "{backend}: video differs by up to {worst}");
         // Pixels: ours are frames of RGB; upstream's are (B, C, T, H, W).
         let [_, _, frames, height, width] = shape.clone().try_into().unwrap();

@@ -3,8 +3,8 @@
 //! readable scope.
 
 use super::{
-    rotary_table, HeadSpec, ModelArgs, ModelConfig, NarSpec, ParamSource, PositionEncoding,
-    Transformer,
+    rotary_table, transposed, HeadSpec, ModelArgs, ModelConfig, NarSpec, ParamSource,
+    PositionEncoding, Transformer,
 };
 use crate::builder::{ConstData, DType, GraphBuilder, Value};
 use crate::GraphError;
@@ -54,22 +54,12 @@ impl<'a> Model<'a> {
 
     /// Checkpoint data in the model dtype, optionally transposed from `(rows, cols)`.
     fn data(&self, name: &str, transpose: Option<(usize, usize)>) -> Result<ConstData, GraphError> {
-        let mut values = self.params.read_f32(name)?;
-        if let Some((rows, cols)) = transpose {
-            if values.len() != rows * cols {
-                return Err(GraphError::Invalid(format!(
-                    "{name}: {} values for ({rows}, {cols})",
-                    values.len()
-                )));
+        let values = match transpose {
+            Some((rows, cols)) => {
+                transposed(&self.params.read_f32_exact(name, rows * cols)?, rows, cols)
             }
-            let mut t = vec![0f32; values.len()];
-            for r in 0..rows {
-                for c in 0..cols {
-                    t[c * rows + r] = values[r * cols + c];
-                }
-            }
-            values = t;
-        }
+            None => self.params.read_f32(name)?,
+        };
         Ok(match self.dtype() {
             DType::F16 => ConstData::F16(values.into_iter().map(half::f16::from_f32).collect()),
             _ => ConstData::F32(values),

@@ -99,6 +99,67 @@ pub trait ParamSource {
     }
 }
 
+/// Test parameters: every tensor a list names, filled with zeros (for tests that build
+/// graphs and read no values).
+#[cfg(test)]
+pub(crate) struct Zeros(pub Vec<(String, Vec<usize>)>);
+
+#[cfg(test)]
+impl ParamSource for Zeros {
+    fn read_f32(&self, name: &str) -> Result<Vec<f32>, GraphError> {
+        let (_, shape) = self
+            .0
+            .iter()
+            .find(|(n, _)| n == name)
+            .ok_or_else(|| GraphError::Param(format!("missing {name}")))?;
+        Ok(vec![0.0; shape.iter().product()])
+    }
+}
+
+/// Test: building from `params` fails naming the tensor when `missing` is left out, and
+/// when `misshapen` has another first dimension.
+#[cfg(test)]
+pub(crate) fn assert_missing_and_misshapen<T>(
+    params: &[(String, Vec<usize>)],
+    missing: &str,
+    misshapen: &str,
+    build: impl Fn(&Zeros) -> Result<T, GraphError>,
+) {
+    let without: Vec<_> = params
+        .iter()
+        .filter(|(n, _)| n != missing)
+        .cloned()
+        .collect();
+    let err = build(&Zeros(without))
+        .err()
+        .expect("a missing tensor fails")
+        .to_string();
+    assert!(err.contains(missing), "{err}");
+    let mut wrong = params.to_vec();
+    for (name, shape) in &mut wrong {
+        if name == misshapen {
+            shape[0] += 1;
+        }
+    }
+    let err = build(&Zeros(wrong))
+        .err()
+        .expect("a misshapen tensor fails")
+        .to_string();
+    assert!(err.contains(misshapen), "{err}");
+}
+
+/// A row-major `(rows, cols)` matrix as `(cols, rows)`: upstream's `Linear` weights are
+/// `(out, in)`, the graphs multiply by `(in, out)`.
+pub(crate) fn transposed(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut t = vec![0f32; values.len()];
+    for (r, row) in values.chunks_exact(cols).take(rows).enumerate() {
+        for (c, &v) in row.iter().enumerate() {
+            t[c * rows + r] = v;
+        }
+    }
+    t
+}
+
 /// A checkpoint tensor stored as is in float32, under its upstream name, with the graph's
 /// `dims` (which may add unit axes to upstream's shape; the bytes are the same).
 pub(crate) fn f32_param(
