@@ -62,11 +62,18 @@ pub fn package(model: &Path, output: &Path, force: bool) -> Result<Bundle, Expor
 }
 
 /// The files of a bundle, relative to the model directory: the manifest, every graph, the
-/// weights and calibration tables (all checked present by `Manifest::load`), then the
-/// TensorRT cache if any.
+/// weights and calibration tables (all checked present by `Manifest::load`), the QDQ model
+/// of a calibrated directory, then the TensorRT cache if any.
 fn bundle_files(model: &Path, manifest: &Manifest) -> Result<Vec<String>, ExportError> {
     let mut files = vec![MANIFEST_FILE.to_string()];
     files.extend(manifest.files().into_iter().map(str::to_string));
+    // A calibrated directory's QDQ model goes along, checked as a model directory itself.
+    if let Some(calibration) = &manifest.calibration {
+        let qdq = Manifest::load(&model.join(&calibration.qdq_model))?;
+        let inside = |file: &str| format!("{}/{file}", calibration.qdq_model);
+        files.push(inside(MANIFEST_FILE));
+        files.extend(qdq.files().into_iter().map(inside));
+    }
     let cache = model.join(TENSORRT_CACHE_DIR);
     if cache.is_dir() {
         let mut cached: Vec<String> = std::fs::read_dir(&cache)

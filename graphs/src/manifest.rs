@@ -447,6 +447,7 @@ impl Manifest {
                 c.ranges.as_str(),
                 c.trt_cache.as_str(),
                 c.ort_table.as_str(),
+                c.quality.as_str(),
             ]);
         }
         files

@@ -127,5 +127,33 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
         );
         graph("decoder", &larp.graph);
     }
+    let trt = &m.tensorrt;
+    let cache = |folder: &Option<String>| folder.clone().unwrap_or_else(|| "off".into());
+    println!(
+        "  TensorRT: fp16 {}, bf16 {}, optimisation level {}, engine cache {}, timing cache {}",
+        trt.fp16,
+        trt.bf16,
+        trt.builder_optimization_level,
+        cache(&trt.engine_cache),
+        cache(&trt.timing_cache)
+    );
+    if let Some(q) = &m.quantization {
+        println!("  quantised: {q}");
+    }
+    if let Some(c) = &m.calibration {
+        println!(
+            "  calibrated ({}, {} generations): {} tensor ranges in {}, {} (TensorRT {}), {}; \
+             QDQ model in {}/, quality in {}",
+            c.method,
+            c.generations,
+            c.tensors,
+            c.ranges,
+            c.trt_cache,
+            c.trt_version,
+            c.ort_table,
+            c.qdq_model,
+            c.quality
+        );
+    }
     Ok(())
 }

@@ -139,6 +139,27 @@ fn calibrate_writes_tables_for_every_activation_and_the_model_still_runs() {
     ]);
     assert!(output.status.success(), "{}", stderr(&output));
 
+    // A bundle of the calibrated directory carries the tables and the QDQ model.
+    let bundle = t.join("bundle");
+    let output = narx(&[
+        "package",
+        out.to_str().unwrap(),
+        "-o",
+        bundle.to_str().unwrap(),
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    for file in [
+        "calibration.cache",
+        "calibration.flatbuffers",
+        "quality.json",
+        "int8/narx.json",
+    ] {
+        assert!(bundle.join(file).is_file(), "the bundle lacks {file}");
+    }
+    assert!(Manifest::load(&bundle.join("int8")).is_ok());
+    let output = narx(&["inspect", out.to_str().unwrap()]);
+    assert!(crate::common::stdout(&output).contains("calibrated (entropy, 4 generations)"));
+
     // Bad input: no classes, a class the model does not have; nothing is left behind.
     let bad = t.join("bad");
     for classes in ["", "12"] {
