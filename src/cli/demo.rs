@@ -116,7 +116,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         anyhow::bail!("the demo model's decoder made no pictures");
     };
     write_png(&args.picture, &images[0])?;
-    write_trace(&args.trace, &images[0], &manifest)?;
+    write_trace(&args.trace, &images[0], &generator)?;
     println!(
         "wrote {} (random weights: noise) and {} (the {} calls filling the grid along \
          anti-diagonals)",

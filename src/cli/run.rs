@@ -17,7 +17,7 @@ use super::output::{require_decoder, OutputArgs};
 use super::{write_atomically, BadInput};
 use narx_runtime::decode::Decoded;
 use narx_runtime::picture::{trace_frames, write_gif, LAST_FRAME_HOLD};
-use narx_runtime::scheduler::{Order, WavefrontPlan};
+use narx_runtime::scheduler::Order;
 
 #[derive(Args)]
 pub struct RunArgs {
@@ -229,7 +229,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         let decoded = generator.decode(&generation.tokens, &generation.grid)?;
         written = args.outputs.write(&decoded)?;
         if let (Some(path), Decoded::Pictures(images)) = (&args.trace, &decoded) {
-            write_trace(path, &images[0], &manifest)?;
+            write_trace(path, &images[0], &generator)?;
             written.push(path.clone());
         }
     }
@@ -260,12 +260,12 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
 pub fn write_trace(
     path: &Path,
     picture: &image::RgbImage,
-    manifest: &Manifest,
+    generator: &AnyGenerator,
 ) -> anyhow::Result<()> {
-    let axes: Vec<usize> = manifest.heads.iter().map(|h| h.axis).collect();
-    let plan = WavefrontPlan::new(&manifest.grid, &axes)?;
+    let manifest = generator.manifest();
     let patch = manifest.vq_decoder.as_ref().map_or(16, |d| d.patch);
-    let frames = trace_frames(picture, &plan, patch)?;
+    // The plan the generation followed: NAR's wavefronts, or raster order.
+    let frames = trace_frames(picture, generator.plan(), patch)?;
     write_gif(path, &frames, 150, LAST_FRAME_HOLD)?;
     Ok(())
 }
