@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use narx_export::checkpoint::map_file;
 use narx_export::model_dir::Staging;
 use narx_graphs::manifest::{CalibrationFiles, GraphFile, Manifest};
 use narx_graphs::onnx::TensorProto;
@@ -232,7 +233,7 @@ fn write_qdq_model(
     std::fs::create_dir(&out).map_err(|e| io_error(&out, e))?;
     let ranges: BTreeMap<String, f32> = ranges.iter().cloned().collect();
     let weights_path = model.join(&manifest.weights.file);
-    let weights = std::fs::read(&weights_path).map_err(|e| io_error(&weights_path, e))?;
+    let weights = map_file(&weights_path).map_err(|e| CalibrationError::Io(e.to_string()))?;
     let read = |tensor: &TensorProto| external_bytes(tensor, &weights);
     let mut store = WeightStore::external(&out, &manifest.weights.file).map_err(graph_error)?;
     let mut qdq = manifest.clone();

@@ -1152,7 +1152,7 @@ mod tests {
     };
     use crate::nar::Zeros;
     use crate::nar::{self, ConditionKind, ModelArgs, ModelConfig, NarSpec, VideoArgs};
-    use crate::vq::{self, VqConfig};
+    use crate::vq;
     use crate::weights::WeightStore;
 
     fn image() -> ModelConfig {
@@ -1192,18 +1192,6 @@ mod tests {
         })
     }
 
-    fn vq_config() -> VqConfig {
-        VqConfig {
-            codebook_size: 16,
-            codebook_embed_dim: 4,
-            z_channels: 8,
-            decoder_ch_mult: vec![1, 2],
-            ch: 32,
-            num_res_blocks: 1,
-            codebook_l2_norm: true,
-        }
-    }
-
     /// The `larp-tiny` fixture's tokenizer: 48 latent tokens, a 128-entry codebook.
     fn larp_config() -> LarpConfig {
         serde_json::from_str(
@@ -1235,7 +1223,7 @@ mod tests {
         let spec = NarSpec::new(config.clone(), grid, DType::F32).unwrap();
         let mut store = WeightStore::external(dir, "weights.bin").unwrap();
         let graphs = nar::build(&spec, &Zeros(config.parameters()), &mut store).unwrap();
-        let (vq, larp) = (vq_config(), larp_config());
+        let (vq, larp) = (crate::vq::tests::small(), larp_config());
         let decoder = match &config {
             ModelConfig::Image(_) => vq::build_decoder(&vq, &Zeros(vq.parameters()), &mut store),
             ModelConfig::Video(_) => {

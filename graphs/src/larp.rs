@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use crate::builder::{ConstData, DType, Dim, GraphBuilder, Value};
 use crate::nar::{f32_param, transposed, ParamSource};
 use crate::onnx::ModelProto;
-use crate::vq::l2_normalize_rows;
+use crate::vq::codebook_weight;
 use crate::weights::WeightStore;
 use crate::GraphError;
 
@@ -446,9 +446,6 @@ impl LarpConfig {
 }
 
 const CODEBOOK: &str = "bottleneck.regularizer.embedding.weight";
-/// Name of the exported codebook when rows are normalised: it is not the checkpoint tensor,
-/// so it gets its own name (a reader of the weight file must not mistake it for the raw rows).
-const NORMALISED_CODEBOOK: &str = "bottleneck.regularizer.embedding.weight.l2_normalized";
 
 /// Builds the decoder graph: `codes (batch, N)` int64 → `video (batch, c, frames, height,
 /// width)` float32 ([`LarpConfig::video_shape`]). Weights are read from `params` by upstream
@@ -542,18 +539,7 @@ impl Decoder<'_> {
         );
         let normalise = config.bottleneck.args.regularizer.args.l2_normalized;
         let z = b.scoped("bottleneck.regularizer", |b| {
-            let name = if normalise {
-                NORMALISED_CODEBOOK
-            } else {
-                CODEBOOK
-            };
-            let table = b.weight(name, DType::F32, &[rows, width], || {
-                let mut table = self.params.read_f32_exact(CODEBOOK, rows * width)?;
-                if normalise {
-                    l2_normalize_rows(&mut table, width);
-                }
-                Ok(ConstData::F32(table))
-            })?;
+            let table = codebook_weight(b, self.params, CODEBOOK, (rows, width), normalise)?;
             b.gather(table, codes)
         })?;
         let d = config.decoder_hidden_size;
@@ -739,6 +725,8 @@ fn gelu(b: &mut GraphBuilder, x: Value) -> Result<Value, GraphError> {
 
 #[cfg(test)]
 mod tests {
+    const NORMALISED_CODEBOOK: &str = "bottleneck.regularizer.embedding.weight.l2_normalized";
+
     use std::collections::{BTreeMap, HashSet};
 
     use super::*;

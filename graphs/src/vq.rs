@@ -288,9 +288,7 @@ fn push_attn(params: &mut Vec<(String, Vec<usize>)>, prefix: &str, c: usize) {
     }
 }
 
-/// Name of the exported codebook: the L2-normalised table is not the checkpoint tensor, so it
-/// gets its own name (a reader of the weight file must not mistake it for the raw rows).
-const NORMALISED_CODEBOOK: &str = "quantize.embedding.weight.l2_normalized";
+const CODEBOOK: &str = "quantize.embedding.weight";
 
 /// Builds the decoder graph: `codes (batch, height, width)` int64 → `image (batch, 3,
 /// f·height, f·width)` float32, f = [`VqConfig::upsample_factor`]. Weights are read from
@@ -343,31 +341,20 @@ struct Decoder<'a> {
 }
 
 impl Decoder<'_> {
-    /// The codebook as the graph stores it: rows L2-normalised when the config normalises
-    /// ([`l2_normalize_rows`]), else the raw rows.
-    fn codebook(&self) -> Result<ConstData, GraphError> {
-        let (rows, width) = (self.config.codebook_size, self.config.codebook_embed_dim);
-        let name = "quantize.embedding.weight";
-        let mut table = self.params.read_f32_exact(name, rows * width)?;
-        if self.config.codebook_l2_norm {
-            l2_normalize_rows(&mut table, width);
-        }
-        Ok(ConstData::F32(table))
-    }
-
     /// Codes → latent image, NCHW (upstream `get_codebook_entry(channel_first=True)`).
     ///
     /// ```text
     /// codes (B,h,w) ─Gather(codebook)─▶ (B,h,w,D) ─Transpose(0,3,1,2)─▶ (B,D,h,w)
     /// ```
     fn lookup(&self, b: &mut GraphBuilder, codes: Value) -> Result<Value, GraphError> {
-        let (rows, width) = (self.config.codebook_size, self.config.codebook_embed_dim);
-        let name = if self.config.codebook_l2_norm {
-            NORMALISED_CODEBOOK
-        } else {
-            "quantize.embedding.weight"
-        };
-        let table = b.weight(name, DType::F32, &[rows, width], || self.codebook())?;
+        let shape = (self.config.codebook_size, self.config.codebook_embed_dim);
+        let table = codebook_weight(
+            b,
+            self.params,
+            CODEBOOK,
+            shape,
+            self.config.codebook_l2_norm,
+        )?;
         let rows = b.gather(table, codes)?;
         b.transpose(rows, &[0, 3, 1, 2])
     }
@@ -574,6 +561,31 @@ fn upsample(b: &mut GraphBuilder, x: Value) -> Result<Value, GraphError> {
     b.node1("Reshape", &[blocks, out_shape], &[], x.dtype())
 }
 
+/// A tokenizer's codebook `name` `(rows, width)` as a graph weight: its rows L2-normalised
+/// when `normalise` ([`l2_normalize_rows`]), then stored as `{name}.l2_normalized`, because
+/// it is no longer the checkpoint tensor and a reader of the weight file must not mistake it
+/// for the raw rows; else stored as is.
+pub(crate) fn codebook_weight(
+    b: &mut GraphBuilder,
+    params: &dyn ParamSource,
+    name: &str,
+    (rows, width): (usize, usize),
+    normalise: bool,
+) -> Result<Value, GraphError> {
+    let stored = if normalise {
+        format!("{name}.l2_normalized")
+    } else {
+        name.to_string()
+    };
+    b.weight(&stored, DType::F32, &[rows, width], || {
+        let mut table = params.read_f32_exact(name, rows * width)?;
+        if normalise {
+            l2_normalize_rows(&mut table, width);
+        }
+        Ok(ConstData::F32(table))
+    })
+}
+
 /// Divides each `width`-wide row of `table` by `max(‖row‖₂, 1e-12)`, as `F.normalize(p=2,
 /// dim=-1)` does at every codebook lookup upstream. Tokenizers fold it into the stored table
 /// once, in float32 like upstream, so the graph needs a plain Gather.
@@ -597,8 +609,10 @@ fn swish(b: &mut GraphBuilder, x: Value) -> Result<Value, GraphError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    const NORMALISED_CODEBOOK: &str = "quantize.embedding.weight.l2_normalized";
     use crate::nar::{assert_missing_and_misshapen, Zeros};
 
     /// The fixture's tokenizer (`vq16-tiny`): VQ-16 shape with narrower channels.
@@ -739,7 +753,8 @@ mod tests {
         ));
     }
 
-    fn small() -> VqConfig {
+    /// A VQ-16-shaped tokenizer small enough to build in tests.
+    pub(crate) fn small() -> VqConfig {
         VqConfig {
             codebook_size: 16,
             codebook_embed_dim: 4,

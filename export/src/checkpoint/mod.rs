@@ -190,8 +190,8 @@ pub(crate) fn numel(shape: &[usize]) -> Option<usize> {
     shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d))
 }
 
-/// Memory-maps a whole file read-only.
-pub(crate) fn map_file(path: &Path) -> Result<Mmap, CheckpointError> {
+/// Memory-maps a whole file read-only (weights are read in place, not copied into memory).
+pub fn map_file(path: &Path) -> Result<Mmap, CheckpointError> {
     let io_error = |source| CheckpointError::Io {
         path: path.to_owned(),
         source,
