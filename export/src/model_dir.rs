@@ -3,15 +3,11 @@
 //! The directory is assembled under a temporary sibling name and renamed into place only when
 //! everything is written, so a failed export leaves nothing behind.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use narx_graphs::larp::{self, LarpConfig};
-use narx_graphs::manifest::{
-    Condition, DecoderFile, Family, GraphFile, Graphs, Head, KvCache, LarpDecoderFile, Manifest,
-    SamplingDefaults, TensorRtSettings, WeightsFile, FORMAT_VERSION,
-};
-use narx_graphs::nar::{self, names, ConditionKind, ModelConfig, NarSpec, ParamSource};
+use narx_graphs::manifest::{DecoderFile, GraphFile, LarpDecoderFile, Manifest, WEIGHTS_FILE};
+use narx_graphs::nar::{self, ModelConfig, NarSpec, ParamSource};
 use narx_graphs::vq::{self, VqConfig};
 use narx_graphs::weights::WeightStore;
 use narx_graphs::{encode_model, DType, GraphError};
@@ -22,13 +18,8 @@ use crate::ExportError;
 /// File names inside a model directory.
 pub const PREFILL_FILE: &str = "prefill.onnx";
 pub const STEP_FILE: &str = "step.onnx";
-pub const WEIGHTS_FILE: &str = "weights.bin";
 pub const DECODER_FILE: &str = "vq_decoder.onnx";
 pub const LARP_DECODER_FILE: &str = "larp_decoder.onnx";
-
-/// Most prompts per batch the TensorRT profiles are built for (twice that many rows with
-/// guidance).
-const PROFILE_MAX_PROMPTS: usize = 8;
 
 /// What to export.
 pub struct ExportRequest<'a> {
@@ -187,7 +178,7 @@ fn write_model(
     let weight_bytes = store.finish()?;
     let prefill = write_graph(dir, PREFILL_FILE, &graphs.prefill)?;
     let step = write_graph(dir, STEP_FILE, &graphs.step)?;
-    let mut manifest = manifest(spec, prefill, step, weight_bytes)?;
+    let mut manifest = Manifest::for_export(spec, prefill, step, weight_bytes)?;
     if let (Some(vq), Some(decoder)) = (vq, decoder) {
         manifest.vq_decoder = Some(DecoderFile {
             graph: write_graph(dir, DECODER_FILE, &decoder)?,
@@ -214,132 +205,6 @@ fn write_graph(
     let path = dir.join(file);
     std::fs::write(&path, &bytes).map_err(|e| GraphError::io(&path, e))?;
     Ok(GraphFile::describe(file, bytes.len() as u64, model)?)
-}
-
-fn manifest(
-    spec: &NarSpec,
-    prefill: GraphFile,
-    step: GraphFile,
-    weight_bytes: u64,
-) -> Result<Manifest, ExportError> {
-    let config = &spec.config;
-    let shape = config.transformer();
-    let c = spec.condition_len();
-    let class_condition = || {
-        let (num_classes, rows) = config.classes().unwrap_or_default();
-        Condition::Class {
-            num_classes,
-            null_class: (rows > num_classes).then_some(num_classes),
-        }
-    };
-    let (family, condition, sampling) = match config {
-        ModelConfig::Video(_) => (
-            Family::NarVideo,
-            class_condition(),
-            // NAR-videos README and run_sample_one.sh (sample.py's own default is cfg 1.0).
-            SamplingDefaults {
-                cfg_scale: 1.25,
-                cfg_interval: -1,
-                temperature: 1.0,
-                top_k: 0,
-                top_p: 1.0,
-            },
-        ),
-        ModelConfig::Image(args) => match args.condition() {
-            ConditionKind::Class => (
-                if args.is_llamagen() {
-                    Family::LlamaGenC2i
-                } else {
-                    Family::NarC2i
-                },
-                class_condition(),
-                // sample_c2i.py (LlamaGen's sampler has the same defaults)
-                SamplingDefaults {
-                    cfg_scale: 4.0,
-                    cfg_interval: -1,
-                    temperature: 1.0,
-                    top_k: 2000,
-                    top_p: 1.0,
-                },
-            ),
-            ConditionKind::Caption => (
-                Family::NarT2i,
-                Condition::Caption {
-                    tokens: c,
-                    dim: args.caption_dim,
-                },
-                // sample_t2i.py
-                SamplingDefaults {
-                    cfg_scale: 7.5,
-                    cfg_interval: -1,
-                    temperature: 1.0,
-                    top_k: 0,
-                    top_p: 1.0,
-                },
-            ),
-        },
-    };
-    let rows = 2 * PROFILE_MAX_PROMPTS;
-    let (cells, widest) = (spec.cells(), spec.widest_wavefront());
-    let ranges: BTreeMap<&str, (usize, usize, usize)> = [
-        (nar::dims::BATCH, (1, 2, rows)),
-        (nar::dims::WIDTH, (1, widest, widest)),
-        (nar::dims::PAST, (c, c + cells / 2, c + cells - 1)),
-    ]
-    .into_iter()
-    .collect();
-    let tensorrt_profiles = [
-        ("prefill".to_string(), prefill.profiles(&ranges)?),
-        ("step".to_string(), step.profiles(&ranges)?),
-    ]
-    .into_iter()
-    .collect();
-    Ok(Manifest {
-        format_version: FORMAT_VERSION,
-        producer: format!("narx {}", env!("CARGO_PKG_VERSION")),
-        family,
-        config: config.clone(),
-        grid: spec.grid.clone(),
-        vocab_size: shape.vocab_size,
-        dtype: spec.dtype,
-        parameters: config.parameter_count(),
-        condition,
-        heads: config
-            .heads()
-            .into_iter()
-            .map(|head| Head {
-                name: head.name.into(),
-                output: head.output.into(),
-                axis: head.axis,
-            })
-            .collect(),
-        graphs: Graphs { prefill, step },
-        weights: WeightsFile {
-            file: WEIGHTS_FILE.into(),
-            bytes: weight_bytes,
-        },
-        kv_cache: KvCache {
-            layout: "append".into(),
-            layers: config.blocks(),
-            kv_heads: shape.kv_heads(),
-            head_dim: shape.head_dim(),
-            dtype: spec.dtype,
-            capacity: spec.cache_capacity(),
-            past_key: "past.{layer}.key".into(),
-            past_value: "past.{layer}.value".into(),
-            present_key: "present.{layer}.key".into(),
-            present_value: "present.{layer}.value".into(),
-            past_key_bias: names::PAST_KEY_BIAS.into(),
-            present_key_bias: names::PRESENT_KEY_BIAS.into(),
-        },
-        sampling,
-        tensorrt_profiles,
-        tensorrt: TensorRtSettings::default(),
-        vq_decoder: None,
-        larp_decoder: None,
-        calibration: None,
-        quantization: None,
-    })
 }
 
 /// A temporary sibling directory that becomes the output on `commit` and is removed otherwise.

@@ -1146,12 +1146,9 @@ mod tests {
     use super::*;
     use crate::builder::{Attr, DType, Dim, GraphBuilder};
     use crate::larp::{self, LarpConfig};
-    use crate::manifest::{
-        Condition, DecoderFile, Family, GraphFile, Graphs, Head, KvCache, LarpDecoderFile,
-        SamplingDefaults, TensorRtSettings, WeightsFile,
-    };
+    use crate::manifest::{DecoderFile, GraphFile, LarpDecoderFile};
     use crate::nar::Zeros;
-    use crate::nar::{self, ConditionKind, ModelArgs, ModelConfig, NarSpec, VideoArgs};
+    use crate::nar::{self, ModelArgs, ModelConfig, NarSpec, VideoArgs};
     use crate::vq;
     use crate::weights::WeightStore;
 
@@ -1235,102 +1232,23 @@ mod tests {
         let prefill = write_graph(dir, "prefill.onnx", &graphs.prefill);
         let step = write_graph(dir, "step.onnx", &graphs.step);
         let decoder = write_graph(dir, "decoder.onnx", &decoder);
-        let (c, cells, widest) = (spec.condition_len(), spec.cells(), spec.widest_wavefront());
-        let ranges = [
-            (nar::dims::BATCH, (1, 2, 16)),
-            (nar::dims::WIDTH, (1, widest, widest)),
-            (nar::dims::PAST, (c, c + cells / 2, c + cells - 1)),
-        ]
-        .into_iter()
-        .collect();
-        let tensorrt_profiles = [
-            ("prefill".to_string(), prefill.profiles(&ranges).unwrap()),
-            ("step".to_string(), step.profiles(&ranges).unwrap()),
-        ]
-        .into_iter()
-        .collect();
-        let (family, vq_decoder, larp_decoder) = match &config {
+        let mut manifest = Manifest::for_export(&spec, prefill, step, weight_bytes).unwrap();
+        match &config {
             ModelConfig::Image(_) => {
                 let patch = vq.upsample_factor();
-                let file = DecoderFile {
+                manifest.vq_decoder = Some(DecoderFile {
                     graph: decoder,
                     config: vq,
                     patch,
-                };
-                let family = match config.condition() {
-                    ConditionKind::Class => Family::NarC2i,
-                    ConditionKind::Caption => Family::NarT2i,
-                };
-                (family, Some(file), None)
+                });
             }
             ModelConfig::Video(_) => {
-                let file = LarpDecoderFile {
+                manifest.larp_decoder = Some(LarpDecoderFile {
                     graph: decoder,
                     config: larp,
-                };
-                (Family::NarVideo, None, Some(file))
+                });
             }
-        };
-        let shape = config.transformer();
-        let condition = match config.classes() {
-            Some((num_classes, rows)) => Condition::Class {
-                num_classes,
-                null_class: (rows > num_classes).then_some(num_classes),
-            },
-            None => Condition::Caption { tokens: c, dim: 8 },
-        };
-        let manifest = Manifest {
-            format_version: FORMAT_VERSION,
-            producer: "narx check tests".into(),
-            family,
-            config: config.clone(),
-            grid: spec.grid.clone(),
-            vocab_size: shape.vocab_size,
-            dtype: DType::F32,
-            parameters: config.parameter_count(),
-            condition,
-            heads: config
-                .heads()
-                .into_iter()
-                .map(|head| Head {
-                    name: head.name.into(),
-                    output: head.output.into(),
-                    axis: head.axis,
-                })
-                .collect(),
-            graphs: Graphs { prefill, step },
-            weights: WeightsFile {
-                file: "weights.bin".into(),
-                bytes: weight_bytes,
-            },
-            kv_cache: KvCache {
-                layout: "append".into(),
-                layers: config.blocks(),
-                kv_heads: shape.kv_heads(),
-                head_dim: shape.head_dim(),
-                dtype: DType::F32,
-                capacity: spec.cache_capacity(),
-                past_key: "past.{layer}.key".into(),
-                past_value: "past.{layer}.value".into(),
-                present_key: "present.{layer}.key".into(),
-                present_value: "present.{layer}.value".into(),
-                past_key_bias: nar::names::PAST_KEY_BIAS.into(),
-                present_key_bias: nar::names::PRESENT_KEY_BIAS.into(),
-            },
-            sampling: SamplingDefaults {
-                cfg_scale: 4.0,
-                cfg_interval: -1,
-                temperature: 1.0,
-                top_k: 0,
-                top_p: 1.0,
-            },
-            tensorrt_profiles,
-            tensorrt: TensorRtSettings::default(),
-            vq_decoder,
-            larp_decoder,
-            calibration: None,
-            quantization: None,
-        };
+        }
         manifest.save(dir).unwrap();
         // What `narx run` would accept.
         Manifest::load(dir).unwrap();

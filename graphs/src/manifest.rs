@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::builder::{describe_io, DType, Dim};
 use crate::larp::LarpConfig;
-use crate::nar::ModelConfig;
+use crate::nar::{self, names, ConditionKind, ModelConfig, NarSpec};
 use crate::onnx::ModelProto;
 use crate::vq::VqConfig;
 use crate::GraphError;
@@ -18,6 +18,11 @@ use crate::GraphError;
 pub const MANIFEST_FILE: &str = "narx.json";
 /// The manifest format this narx writes and the newest it reads.
 pub const FORMAT_VERSION: u32 = 1;
+/// The weight file every graph of a model directory reads.
+pub const WEIGHTS_FILE: &str = "weights.bin";
+/// Most prompts per batch the TensorRT profiles are built for (twice that many rows with
+/// guidance).
+pub const PROFILE_MAX_PROMPTS: usize = 8;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Family {
@@ -136,6 +141,11 @@ pub enum Condition {
     Class {
         num_classes: usize,
         null_class: Option<usize>,
+        /// Where the step graph embeds token `class_token_offset + label` as class `label`,
+        /// the prefill can run as a step over an empty cache, and a backend needs only the
+        /// step graph in memory. Absent in directories exported before.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        class_token_offset: Option<usize>,
     },
     /// Caption features `(tokens, dim)` with a 0/1 mask; the null caption is in the weights.
     Caption { tokens: usize, dim: usize },
@@ -324,6 +334,137 @@ impl GraphFile {
 }
 
 impl Manifest {
+    /// The manifest `narx export` writes for `spec`'s prefill and step graphs over
+    /// `weight_bytes` of weights, with TensorRT profiles covering up to
+    /// [`PROFILE_MAX_PROMPTS`] prompts; the decoders and calibration are added by their
+    /// steps.
+    pub fn for_export(
+        spec: &NarSpec,
+        prefill: GraphFile,
+        step: GraphFile,
+        weight_bytes: u64,
+    ) -> Result<Manifest, GraphError> {
+        let config = &spec.config;
+        let shape = config.transformer();
+        let c = spec.condition_len();
+        let class_condition = || {
+            let (num_classes, rows) = config.classes().unwrap_or_default();
+            Condition::Class {
+                num_classes,
+                null_class: (rows > num_classes).then_some(num_classes),
+                class_token_offset: Some(shape.vocab_size),
+            }
+        };
+        let (family, condition, sampling) = match config {
+            ModelConfig::Video(_) => (
+                Family::NarVideo,
+                class_condition(),
+                // NAR-videos README and run_sample_one.sh (sample.py's own default is cfg 1.0).
+                SamplingDefaults {
+                    cfg_scale: 1.25,
+                    cfg_interval: -1,
+                    temperature: 1.0,
+                    top_k: 0,
+                    top_p: 1.0,
+                },
+            ),
+            ModelConfig::Image(args) => match args.condition() {
+                ConditionKind::Class => (
+                    if args.is_llamagen() {
+                        Family::LlamaGenC2i
+                    } else {
+                        Family::NarC2i
+                    },
+                    class_condition(),
+                    // sample_c2i.py (LlamaGen's sampler has the same defaults)
+                    SamplingDefaults {
+                        cfg_scale: 4.0,
+                        cfg_interval: -1,
+                        temperature: 1.0,
+                        top_k: 2000,
+                        top_p: 1.0,
+                    },
+                ),
+                ConditionKind::Caption => (
+                    Family::NarT2i,
+                    Condition::Caption {
+                        tokens: c,
+                        dim: args.caption_dim,
+                    },
+                    // sample_t2i.py
+                    SamplingDefaults {
+                        cfg_scale: 7.5,
+                        cfg_interval: -1,
+                        temperature: 1.0,
+                        top_k: 0,
+                        top_p: 1.0,
+                    },
+                ),
+            },
+        };
+        let rows = 2 * PROFILE_MAX_PROMPTS;
+        let (cells, widest) = (spec.cells(), spec.widest_wavefront());
+        let ranges: BTreeMap<&str, (usize, usize, usize)> = [
+            (nar::dims::BATCH, (1, 2, rows)),
+            (nar::dims::WIDTH, (1, widest, widest)),
+            (nar::dims::PAST, (c, c + cells / 2, c + cells - 1)),
+        ]
+        .into_iter()
+        .collect();
+        let tensorrt_profiles = [
+            ("prefill".to_string(), prefill.profiles(&ranges)?),
+            ("step".to_string(), step.profiles(&ranges)?),
+        ]
+        .into_iter()
+        .collect();
+        Ok(Manifest {
+            format_version: FORMAT_VERSION,
+            producer: format!("narx {}", env!("CARGO_PKG_VERSION")),
+            family,
+            config: config.clone(),
+            grid: spec.grid.clone(),
+            vocab_size: shape.vocab_size,
+            dtype: spec.dtype,
+            parameters: config.parameter_count(),
+            condition,
+            heads: config
+                .heads()
+                .into_iter()
+                .map(|head| Head {
+                    name: head.name.into(),
+                    output: head.output.into(),
+                    axis: head.axis,
+                })
+                .collect(),
+            graphs: Graphs { prefill, step },
+            weights: WeightsFile {
+                file: WEIGHTS_FILE.into(),
+                bytes: weight_bytes,
+            },
+            kv_cache: KvCache {
+                layout: "append".into(),
+                layers: config.blocks(),
+                kv_heads: shape.kv_heads(),
+                head_dim: shape.head_dim(),
+                dtype: spec.dtype,
+                capacity: spec.cache_capacity(),
+                past_key: "past.{layer}.key".into(),
+                past_value: "past.{layer}.value".into(),
+                present_key: "present.{layer}.key".into(),
+                present_value: "present.{layer}.value".into(),
+                past_key_bias: names::PAST_KEY_BIAS.into(),
+                present_key_bias: names::PRESENT_KEY_BIAS.into(),
+            },
+            sampling,
+            tensorrt_profiles,
+            tensorrt: TensorRtSettings::default(),
+            vq_decoder: None,
+            larp_decoder: None,
+            calibration: None,
+            quantization: None,
+        })
+    }
+
     pub fn path(dir: &Path) -> PathBuf {
         dir.join(MANIFEST_FILE)
     }

@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use narx_graphs::manifest::{Condition, Family, KvCache, Manifest};
 use narx_graphs::nar::names;
+use narx_graphs::DType;
 
 use crate::backend::{Engine, GraphKind, HostTensor};
 use crate::decode::Decoded;
@@ -82,6 +83,9 @@ pub struct Generation {
 
 /// Sees a graph output by name, as float32 values.
 pub type OutputObserver<'a> = dyn FnMut(&str, &[f32]) + 'a;
+
+/// Named graph inputs in the engine's own form.
+type Inputs<E> = Vec<(String, <E as Engine>::Value)>;
 
 /// A loaded model ready to generate.
 pub struct Generator<E: Engine> {
@@ -242,7 +246,7 @@ impl<E: Engine> Generator<E> {
             let call = &self.plan.calls()[index];
             let started = Instant::now();
             let (kind, mut inputs) = if call.is_prefill() {
-                (GraphKind::Prefill, self.prefill_inputs(prompts, rows)?)
+                self.prefill_inputs(prompts, rows)?
             } else {
                 let tokens: Vec<i64> = (0..rows)
                     .flat_map(|row| {
@@ -255,20 +259,7 @@ impl<E: Engine> Generator<E> {
                     .iter()
                     .map(|c| (condition_len + c.raster()) as i64)
                     .collect();
-                let width = positions.len();
-                let inputs = vec![
-                    (
-                        names::TOKENS.to_string(),
-                        self.engine
-                            .upload(HostTensor::I64(vec![rows, width], tokens))?,
-                    ),
-                    (
-                        names::POSITIONS.to_string(),
-                        self.engine
-                            .upload(HostTensor::I64(vec![width], positions))?,
-                    ),
-                ];
-                (GraphKind::Step, inputs)
+                (GraphKind::Step, self.step_inputs(tokens, positions, rows)?)
             };
             inputs.append(&mut cache);
             let mut outputs = self.engine.run(kind, inputs)?;
@@ -335,12 +326,15 @@ impl<E: Engine> Generator<E> {
         }
     }
 
-    /// The prefill's inputs for `[cond; uncond]` (or cond only without guidance).
+    /// The prefill's graph and inputs for `[cond; uncond]` (or cond only without guidance).
+    /// A class-conditional model whose engine has no prefill graph runs the prefill as a
+    /// step: the class as token `class_token_offset + label` at position 0, over an empty
+    /// cache.
     fn prefill_inputs(
         &self,
         prompts: &Prompts,
         rows: usize,
-    ) -> Result<Vec<(String, E::Value)>, RuntimeError> {
+    ) -> Result<(GraphKind, Inputs<E>), RuntimeError> {
         let batch = prompts.len();
         let bad = |m: String| Err(RuntimeError::BadInput(m));
         match (&self.manifest.condition, prompts) {
@@ -348,6 +342,7 @@ impl<E: Engine> Generator<E> {
                 Condition::Class {
                     num_classes,
                     null_class,
+                    class_token_offset,
                 },
                 Prompts::Classes(labels),
             ) => {
@@ -367,10 +362,22 @@ impl<E: Engine> Generator<E> {
                     })?;
                     all.extend(std::iter::repeat_n(null as i64, batch));
                 }
-                Ok(vec![(
-                    names::CLASS_LABELS.into(),
-                    self.engine.upload(HostTensor::I64(vec![rows], all))?,
-                )])
+                if self.engine.has(GraphKind::Prefill) {
+                    let labels = self.engine.upload(HostTensor::I64(vec![rows], all))?;
+                    return Ok((
+                        GraphKind::Prefill,
+                        vec![(names::CLASS_LABELS.into(), labels)],
+                    ));
+                }
+                let offset = class_token_offset.ok_or_else(|| {
+                    RuntimeError::BadInput(
+                        "the prefill graph is not loaded and this model's step graph does not \
+                         embed classes (re-export it with this narx)"
+                            .into(),
+                    )
+                })? as i64;
+                let tokens = all.iter().map(|label| offset + label).collect();
+                Ok((GraphKind::Step, self.empty_cache_step(tokens, rows)?))
             }
             (
                 Condition::Caption { tokens, dim },
@@ -394,7 +401,7 @@ impl<E: Engine> Generator<E> {
                     masks.extend_from_slice(mask);
                     null.extend(std::iter::repeat_n(true, batch));
                 }
-                Ok(vec![
+                let inputs = vec![
                     (
                         names::CAPTION_EMBEDDINGS.into(),
                         self.engine
@@ -408,7 +415,8 @@ impl<E: Engine> Generator<E> {
                         names::NULL_CAPTION.into(),
                         self.engine.upload(HostTensor::Bool(vec![rows], null))?,
                     ),
-                ])
+                ];
+                Ok((GraphKind::Prefill, inputs))
             }
             (Condition::Class { .. }, Prompts::Captions { .. }) => {
                 bad("this is a class-conditional model: give class labels, not captions".into())
@@ -447,11 +455,49 @@ impl<E: Engine> Generator<E> {
             .collect()
     }
 
+    /// The step's token and position inputs: `tokens (rows, width)` at `positions (width)`.
+    fn step_inputs(
+        &self,
+        tokens: Vec<i64>,
+        positions: Vec<i64>,
+        rows: usize,
+    ) -> Result<Inputs<E>, RuntimeError> {
+        let width = positions.len();
+        Ok(vec![
+            (
+                names::TOKENS.to_string(),
+                self.engine
+                    .upload(HostTensor::I64(vec![rows, width], tokens))?,
+            ),
+            (
+                names::POSITIONS.to_string(),
+                self.engine
+                    .upload(HostTensor::I64(vec![width], positions))?,
+            ),
+        ])
+    }
+
+    /// A step at position 0 over an empty cache: one token per row.
+    fn empty_cache_step(&self, tokens: Vec<i64>, rows: usize) -> Result<Inputs<E>, RuntimeError> {
+        let mut inputs = self.step_inputs(tokens, vec![0], rows)?;
+        let kv = &self.manifest.kv_cache;
+        let bias = HostTensor::Empty(DType::F32, vec![rows, 0]);
+        inputs.push((kv.past_key_bias.clone(), self.engine.upload(bias)?));
+        let cache_shape = vec![rows, kv.kv_heads, 0, kv.head_dim];
+        for layer in 0..kv.layers {
+            for name in [&kv.past_key, &kv.past_value] {
+                let empty = HostTensor::Empty(kv.dtype, cache_shape.clone());
+                inputs.push((KvCache::name(name, layer), self.engine.upload(empty)?));
+            }
+        }
+        Ok(inputs)
+    }
+
     /// Renames this call's `present.*` outputs to the next call's `past.*` inputs.
     fn carry_cache(
         &self,
         outputs: &mut HashMap<String, E::Value>,
-    ) -> Result<Vec<(String, E::Value)>, RuntimeError> {
+    ) -> Result<Inputs<E>, RuntimeError> {
         let kv = &self.manifest.kv_cache;
         let mut pairs = vec![(kv.present_key_bias.clone(), kv.past_key_bias.clone())];
         for layer in 0..kv.layers {

@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use narx_graphs::manifest::{Manifest, TensorRtSettings};
+use narx_graphs::manifest::{Condition, Manifest, TensorRtSettings};
 
 use crate::backend::ort::{find_library, init, provider_available, OrtEngine, OrtOptions};
 use crate::backend::providers::{CudaOptions, ExecutionProvider, ProfileShapes, TensorRtOptions};
@@ -87,6 +87,42 @@ pub struct LoadOptions {
     pub gpu: GpuOptions,
 }
 
+/// The graph files to load for `purpose`. With `step_runs_prefill`, a class-conditional
+/// model whose step graph embeds classes runs its prefill as a step over an empty cache
+/// ([`Generator`] does this when the engine has no prefill graph): one session then holds
+/// the weights instead of two, which halves the resident memory on ONNX Runtime.
+pub fn graph_files(
+    dir: &Path,
+    manifest: &Manifest,
+    purpose: Purpose,
+    step_runs_prefill: bool,
+) -> Vec<(GraphKind, PathBuf)> {
+    let decoder = manifest.decoder_graph().map(|graph| &graph.file);
+    let prefill = match manifest.condition {
+        Condition::Class {
+            class_token_offset: Some(_),
+            ..
+        } if step_runs_prefill => None,
+        _ => Some(&manifest.graphs.prefill.file),
+    };
+    let files = match purpose {
+        Purpose::Generate => vec![
+            (GraphKind::Prefill, prefill),
+            (GraphKind::Step, Some(&manifest.graphs.step.file)),
+            (GraphKind::Decoder, decoder),
+        ],
+        Purpose::Decode => vec![(GraphKind::Decoder, decoder)],
+    };
+    files
+        .into_iter()
+        .filter_map(|(kind, file)| file.map(|f| (kind, dir.join(f))))
+        .collect()
+}
+
+fn as_paths(files: &[(GraphKind, PathBuf)]) -> Vec<(GraphKind, &Path)> {
+    files.iter().map(|(k, p)| (*k, p.as_path())).collect()
+}
+
 /// A generator on whichever backend was chosen.
 pub enum AnyGenerator {
     Tract(Generator<TractEngine>),
@@ -103,27 +139,12 @@ impl AnyGenerator {
         purpose: Purpose,
     ) -> Result<(Self, Option<String>), RuntimeError> {
         let manifest = Manifest::load(dir)?;
-        let decoder = manifest.decoder_graph().map(|graph| &graph.file);
-        let files: Vec<(GraphKind, std::path::PathBuf)> = match purpose {
-            Purpose::Generate => [
-                (GraphKind::Prefill, Some(&manifest.graphs.prefill.file)),
-                (GraphKind::Step, Some(&manifest.graphs.step.file)),
-                (GraphKind::Decoder, decoder),
-            ]
-            .into_iter()
-            .filter_map(|(kind, file)| file.map(|f| (kind, dir.join(f))))
-            .collect(),
-            Purpose::Decode => {
-                let file = decoder.ok_or_else(|| {
-                    RuntimeError::BadInput(format!(
-                        "{} has no decoder (export with --vq-checkpoint or --larp-checkpoint)",
-                        dir.display()
-                    ))
-                })?;
-                vec![(GraphKind::Decoder, dir.join(file))]
-            }
-        };
-        let paths: Vec<(GraphKind, &Path)> = files.iter().map(|(k, p)| (*k, p.as_path())).collect();
+        if purpose == Purpose::Decode && manifest.decoder_graph().is_none() {
+            return Err(RuntimeError::BadInput(format!(
+                "{} has no decoder (export with --vq-checkpoint or --larp-checkpoint)",
+                dir.display()
+            )));
+        }
         let mut ort = options.ort.clone();
         if ort.intra_threads.is_none() {
             ort.intra_threads = options.threads;
@@ -170,13 +191,18 @@ impl AnyGenerator {
         let last = candidates.len() - 1;
         for (i, candidate) in candidates.into_iter().enumerate() {
             let Some(execution_provider) = candidate else {
-                let engine = TractEngine::load(&paths, options.threads)?;
+                let files = graph_files(dir, &manifest, purpose, false);
+                let engine = TractEngine::load(&as_paths(&files), options.threads)?;
                 let generator = Generator::with_order(manifest, engine, order)?;
                 return Ok((AnyGenerator::Tract(generator), note));
             };
             let name = execution_provider.to_string();
+            // TensorRT's profiles start the cache at the condition positions, so its
+            // engines keep the prefill graph.
+            let step_runs_prefill = !matches!(execution_provider, ExecutionProvider::TensorRt(_));
+            let files = graph_files(dir, &manifest, purpose, step_runs_prefill);
             ort.provider = execution_provider;
-            match OrtEngine::load(&paths, &ort) {
+            match OrtEngine::load(&as_paths(&files), &ort) {
                 Ok(engine) => {
                     let generator = Generator::with_order(manifest, engine, order)?;
                     let note = note.map(|n| format!("using the {name} provider of {n}"));

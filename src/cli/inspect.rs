@@ -78,10 +78,18 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
         Condition::Class {
             num_classes,
             null_class,
-        } => println!(
-            "  condition: class 0..{} (null class {null_class:?})",
-            num_classes - 1
-        ),
+            class_token_offset,
+        } => {
+            println!(
+                "  condition: class 0..{} (null class {null_class:?})",
+                num_classes - 1
+            );
+            if let Some(offset) = class_token_offset {
+                println!(
+                    "  the step graph embeds class c as token {offset}+c: it can run the prefill"
+                );
+            }
+        }
         Condition::Caption { tokens, dim } => {
             println!("  condition: caption features ({tokens}, {dim}) with mask")
         }

@@ -12,6 +12,7 @@ use narx_runtime::backend::ort::{find_library, OrtEngine, OrtOptions};
 use narx_runtime::backend::tract::TractEngine;
 use narx_runtime::backend::{Engine, GraphKind, HostTensor};
 use narx_runtime::generate::Generator;
+use narx_runtime::load::{graph_files, Purpose};
 
 pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures")
@@ -108,7 +109,8 @@ pub fn export_fixture(name: &str, file: &str, dir: &Path, dtype: DType) -> Manif
     .unwrap()
 }
 
-/// Every graph of a model directory, by kind.
+/// The graph files `narx run` loads for generation; `step_runs_prefill` as on ONNX Runtime's
+/// CPU provider (see [`graph_files`]).
 pub struct Files(Vec<(GraphKind, PathBuf)>);
 
 impl Files {
@@ -117,20 +119,19 @@ impl Files {
     }
 }
 
-pub fn graph_paths(dir: &Path) -> Files {
+pub fn graph_paths(dir: &Path, step_runs_prefill: bool) -> Files {
     let manifest = Manifest::load(dir).unwrap();
-    let mut files = vec![
-        (GraphKind::Prefill, dir.join(&manifest.graphs.prefill.file)),
-        (GraphKind::Step, dir.join(&manifest.graphs.step.file)),
-    ];
-    if let Some(decoder) = manifest.decoder_graph() {
-        files.push((GraphKind::Decoder, dir.join(&decoder.file)));
-    }
-    Files(files)
+    Files(graph_files(
+        dir,
+        &manifest,
+        Purpose::Generate,
+        step_runs_prefill,
+    ))
 }
 
+/// tract with the prefill graph.
 pub fn tract_engine(dir: &Path) -> TractEngine {
-    TractEngine::load(&graph_paths(dir).as_paths(), Some(2)).unwrap()
+    TractEngine::load(&graph_paths(dir, false).as_paths(), Some(2)).unwrap()
 }
 
 /// The ONNX Runtime library; a test that needs it fails with instructions when it is absent.
@@ -140,13 +141,24 @@ pub fn ort_library() -> PathBuf {
     })
 }
 
+/// ONNX Runtime on its CPU provider, with the graphs `narx run` loads there (class-conditional
+/// models run the prefill through the step graph).
 pub fn ort_engine(dir: &Path) -> OrtEngine {
+    load_ort(dir, true)
+}
+
+/// ONNX Runtime on its CPU provider with the prefill graph too, for tests that run it.
+pub fn ort_engine_with_prefill(dir: &Path) -> OrtEngine {
+    load_ort(dir, false)
+}
+
+fn load_ort(dir: &Path, step_runs_prefill: bool) -> OrtEngine {
     let options = OrtOptions {
         library: Some(ort_library()),
         intra_threads: Some(2),
         ..OrtOptions::default()
     };
-    OrtEngine::load(&graph_paths(dir).as_paths(), &options).unwrap()
+    OrtEngine::load(&graph_paths(dir, step_runs_prefill).as_paths(), &options).unwrap()
 }
 
 pub fn tract_generator(dir: &Path) -> Generator<TractEngine> {

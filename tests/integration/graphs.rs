@@ -80,7 +80,7 @@ fn graphs_run_at_every_width_and_batch_on_both_backends() {
     let manifest = export_fixture("nar-c2i-tiny", "model.safetensors", &dir, DType::F32);
     let layers = manifest.kv_cache.layers;
     let mut tract = crate::common::tract_engine(&dir);
-    let mut ort = crate::common::ort_engine(&dir);
+    let mut ort = crate::common::ort_engine_with_prefill(&dir);
     for batch in 1..=4 {
         for width in 1..=manifest.grid[0] {
             let (tr, td, tshape) = prefill_and_step(&mut tract, layers, batch, width);
@@ -220,7 +220,7 @@ fn fp16_export_stays_close_to_float32() {
     let expected = teacher_forced(&mut crate::common::tract_engine(&fp32), layers);
     for got in [
         teacher_forced(&mut crate::common::tract_engine(&fp16), layers),
-        teacher_forced(&mut crate::common::ort_engine(&fp16), layers),
+        teacher_forced(&mut crate::common::ort_engine_with_prefill(&fp16), layers),
     ] {
         let worst = got
             .iter()

@@ -60,10 +60,15 @@ impl<'a> Model<'a> {
             }
             None => self.params.read_f32(name)?,
         };
-        Ok(match self.dtype() {
+        Ok(self.in_dtype(values))
+    }
+
+    /// Float32 values as a constant of the model dtype.
+    fn in_dtype(&self, values: Vec<f32>) -> ConstData {
+        match self.dtype() {
             DType::F16 => ConstData::F16(values.into_iter().map(half::f16::from_f32).collect()),
             _ => ConstData::F32(values),
-        })
+        }
     }
 
     /// A checkpoint tensor stored as is.
@@ -120,15 +125,18 @@ impl<'a> Model<'a> {
         b: &mut GraphBuilder,
         labels: Value,
     ) -> Result<Value, GraphError> {
-        let (_, rows) = self
+        let (_, classes) = self
             .spec
             .config
             .classes()
             .ok_or_else(|| GraphError::Invalid("this model is not class-conditional".into()))?;
-        let d = self.shape.dim;
         b.scoped("cls_embedding", |b| {
-            let table = self.param(b, "cls_embedding.embedding_table.weight", &[rows, d])?;
-            let e = b.gather(table, labels)?;
+            let table = self.embedding_table(b)?;
+            let (v, rows) = (self.shape.vocab_size as i64, classes as i64);
+            // A slice of constants, which runtimes fold, rather than integer arithmetic on
+            // the labels (TensorRT 8.6 computes INT64 in INT32).
+            let classes = b.slice(table, 0, v, v + rows)?;
+            let e = b.gather(classes, labels)?;
             b.unsqueeze(e, &[1])
         })
     }
@@ -158,17 +166,41 @@ impl<'a> Model<'a> {
         })
     }
 
-    /// Image tokens `(B, S)` → `(B, S, D)`.
+    /// Image tokens `(B, S)` → `(B, S, D)`; for class-conditional models token `V + label`
+    /// embeds class `label` (see [`Self::embedding_table`]).
     pub fn token_embedding(
         &self,
         b: &mut GraphBuilder,
         tokens: Value,
     ) -> Result<Value, GraphError> {
-        let (v, d) = (self.shape.vocab_size, self.shape.dim);
         b.scoped("tok_embeddings", |b| {
-            let table = self.param(b, "tok_embeddings.weight", &[v, d])?;
+            let table = self.embedding_table(b)?;
             b.gather(table, tokens)
         })
+    }
+
+    /// The rows both graphs gather from: the image tokens' `(V, D)` table, followed for
+    /// class-conditional models by the class table, so that the step graph can embed a
+    /// class and run the prefill as a step over an empty cache (one session, one copy of
+    /// the weights in memory).
+    fn embedding_table(&self, b: &mut GraphBuilder) -> Result<Value, GraphError> {
+        let (v, d) = (self.shape.vocab_size, self.shape.dim);
+        let Some((_, classes)) = self.spec.config.classes() else {
+            return self.param(b, "tok_embeddings.weight", &[v, d]);
+        };
+        b.weight(
+            super::names::TOKEN_AND_CLASS_EMBEDDINGS,
+            self.dtype(),
+            &[v + classes, d],
+            || {
+                let mut rows = self.params.read_f32_exact("tok_embeddings.weight", v * d)?;
+                rows.extend(
+                    self.params
+                        .read_f32_exact("cls_embedding.embedding_table.weight", classes * d)?,
+                );
+                Ok(self.in_dtype(rows))
+            },
+        )
     }
 
     /// Visible/hidden (bool) → additive bias (0 / −∞), float32.

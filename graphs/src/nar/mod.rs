@@ -57,6 +57,8 @@ pub mod names {
     pub const LOGITS_RIGHT: &str = "logits_right";
     pub const LOGITS_DOWN: &str = "logits_down";
     pub const LOGITS_BACK: &str = "logits_back";
+    /// The weight holding the token embeddings followed by the class embeddings.
+    pub const TOKEN_AND_CLASS_EMBEDDINGS: &str = "embeddings.tokens_then_classes";
 
     pub fn past_key(layer: usize) -> String {
         format!("past.{layer}.key")

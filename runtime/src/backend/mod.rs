@@ -14,6 +14,8 @@ use std::collections::HashMap;
 use std::fmt;
 use std::path::Path;
 
+use narx_graphs::DType;
+
 use crate::RuntimeError;
 
 /// Which graph of a model directory to run.
@@ -41,12 +43,17 @@ pub enum HostTensor {
     F32(Vec<usize>, Vec<f32>),
     I64(Vec<usize>, Vec<i64>),
     Bool(Vec<usize>, Vec<bool>),
+    /// A tensor with a zero-length dimension, of any element type (an empty cache).
+    Empty(DType, Vec<usize>),
 }
 
 impl HostTensor {
     pub fn shape(&self) -> &[usize] {
         match self {
-            HostTensor::F32(s, _) | HostTensor::I64(s, _) | HostTensor::Bool(s, _) => s,
+            HostTensor::F32(s, _)
+            | HostTensor::I64(s, _)
+            | HostTensor::Bool(s, _)
+            | HostTensor::Empty(_, s) => s,
         }
     }
 }
@@ -64,6 +71,9 @@ pub trait Engine {
 
     /// Copies a float32 tensor to the host: its shape and data.
     fn download_f32(&self, value: &Self::Value) -> Result<(Vec<usize>, Vec<f32>), RuntimeError>;
+
+    /// Whether `graph` is loaded.
+    fn has(&self, graph: GraphKind) -> bool;
 
     /// Runs `graph`; returns every graph output by name.
     fn run(

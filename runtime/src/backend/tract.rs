@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
+use narx_graphs::DType;
 use tract_onnx::prelude::*;
 
 use super::{Engine, GraphKind, GraphPaths, HostTensor};
@@ -92,6 +93,7 @@ impl Engine for TractEngine {
             HostTensor::F32(shape, data) => Tensor::from_shape(shape, data),
             HostTensor::I64(shape, data) => Tensor::from_shape(shape, data),
             HostTensor::Bool(shape, data) => Tensor::from_shape(shape, data),
+            HostTensor::Empty(dtype, shape) => Tensor::zero_dt(datum_type(*dtype), shape),
         }
         .map_err(|e| RuntimeError::backend(BACKEND, format!("input tensor: {e:#}")))?;
         Ok(tensor.into_tvalue())
@@ -104,6 +106,10 @@ impl Engine for TractEngine {
         let view = value.try_as_plain_ram().map_err(not_f32)?;
         let data = view.as_slice::<f32>().map_err(not_f32)?.to_vec();
         Ok((value.shape().to_vec(), data))
+    }
+
+    fn has(&self, graph: GraphKind) -> bool {
+        self.graphs.contains_key(&graph)
     }
 
     fn run(
@@ -134,5 +140,15 @@ impl Engine for TractEngine {
             .run(ordered)
             .map_err(|e| RuntimeError::backend(BACKEND, format!("{kind} graph: {e:#}")))?;
         Ok(graph.outputs.iter().cloned().zip(outputs).collect())
+    }
+}
+
+fn datum_type(dtype: DType) -> DatumType {
+    match dtype {
+        DType::F32 => f32::datum_type(),
+        DType::F16 => f16::datum_type(),
+        DType::I64 => i64::datum_type(),
+        DType::Bool => bool::datum_type(),
+        DType::I8 => i8::datum_type(),
     }
 }
