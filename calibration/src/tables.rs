@@ -9,6 +9,14 @@
 //!   string; } table TrtTable { dict: [KeyValue]; } root_type TrtTable;`), each value the
 //!   tensor's `amax` as decimal text.
 
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use narx_graphs::decode_model;
+use narx_graphs::manifest::Manifest;
+use narx_runtime::backend::providers::TensorRtInt8;
+
+use crate::observe::activation_inputs;
 use crate::CalibrationError;
 
 /// Which TensorRT calibrator a native cache claims to come from.
@@ -177,6 +185,54 @@ pub fn parse_ort_trt_table(bytes: &[u8]) -> Result<Vec<(String, f32)>, Calibrati
             Ok((key, amax))
         })
         .collect()
+}
+
+/// Where TensorRT takes INT8 ranges from for the model in `dir`: the graphs of a QDQ model,
+/// or the ONNX Runtime table of a calibrated directory, checked against the graphs: every
+/// activation a MatMul, Gemm or Conv reads has a range, and the table names no tensor the
+/// graphs lack (a table made for another model).
+pub fn tensorrt_int8(dir: &Path, manifest: &Manifest) -> Result<TensorRtInt8, CalibrationError> {
+    if manifest.quantization.is_some() {
+        return Ok(TensorRtInt8::Qdq);
+    }
+    let files = manifest.calibration.as_ref().ok_or_else(|| {
+        CalibrationError::BadInput(format!(
+            "{} has no INT8 ranges: run `narx calibrate` on it and use its output (float \
+             graphs with a calibration table) or the output's int8/ QDQ model",
+            dir.display()
+        ))
+    })?;
+    let path = dir.join(&files.ort_table);
+    let bytes = std::fs::read(&path)
+        .map_err(|e| CalibrationError::Io(format!("{}: {e}", path.display())))?;
+    let table: BTreeMap<String, f32> = parse_ort_trt_table(&bytes)
+        .map_err(|e| CalibrationError::Table(format!("{}: {e}", path.display())))?
+        .into_iter()
+        .collect();
+    let mut activations = BTreeSet::new();
+    for graph in [&manifest.graphs.prefill, &manifest.graphs.step] {
+        let graph_path = dir.join(&graph.file);
+        let bytes = std::fs::read(&graph_path)
+            .map_err(|e| CalibrationError::Io(format!("{}: {e}", graph_path.display())))?;
+        let model = decode_model(&bytes)
+            .map_err(|e| CalibrationError::BadInput(format!("{}: {e}", graph_path.display())))?;
+        activations.extend(activation_inputs(&model));
+    }
+    let mismatch = |what: String| {
+        CalibrationError::Table(format!(
+            "{}: {what}: the table was made for a different model",
+            path.display()
+        ))
+    };
+    if let Some(tensor) = table.keys().find(|k| !activations.contains(*k)) {
+        return Err(mismatch(format!("no graph has the tensor {tensor}")));
+    }
+    if let Some(tensor) = activations.iter().find(|a| !table.contains_key(*a)) {
+        return Err(mismatch(format!("no range for {tensor}")));
+    }
+    let absolute = std::path::absolute(&path)
+        .map_err(|e| CalibrationError::Io(format!("{}: {e}", path.display())))?;
+    Ok(TensorRtInt8::Table(absolute))
 }
 
 #[cfg(test)]

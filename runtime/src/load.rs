@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 use narx_graphs::manifest::{Condition, Manifest, TensorRtSettings};
 
 use crate::backend::ort::{find_library, init, provider_available, OrtEngine, OrtOptions};
-use crate::backend::providers::{CudaOptions, ExecutionProvider, ProfileShapes, TensorRtOptions};
+use crate::backend::providers::{
+    CudaOptions, ExecutionProvider, ProfileShapes, TensorRtInt8, TensorRtOptions,
+};
 use crate::backend::tract::TractEngine;
 use crate::backend::GraphKind;
 use crate::decode::Decoded;
@@ -44,6 +46,8 @@ pub struct GpuOptions {
     pub cache_dir: Option<PathBuf>,
     /// No engine or timing cache.
     pub no_cache: bool,
+    /// TensorRT INT8, with where its ranges come from.
+    pub int8: Option<TensorRtInt8>,
 }
 
 impl GpuOptions {
@@ -64,6 +68,7 @@ impl GpuOptions {
                 .unwrap_or(settings.builder_optimization_level),
             engine_cache: cache(&settings.engine_cache),
             timing_cache: cache(&settings.timing_cache),
+            int8: self.int8.clone(),
         }
     }
 }

@@ -4,6 +4,8 @@ use std::path::{Path, PathBuf};
 
 use clap::{Args, ValueEnum};
 
+use narx_calibration::tables::tensorrt_int8;
+use narx_graphs::manifest::Manifest;
 use narx_runtime::backend::ort::OrtOptions;
 use narx_runtime::load::{AnyGenerator, GpuOptions, LoadOptions, Provider, Purpose};
 use narx_runtime::scheduler::Order;
@@ -46,6 +48,10 @@ pub struct BackendArgs {
     /// TensorRT: build engines afresh every run and keep nothing.
     #[arg(long)]
     no_trt_cache: bool,
+    /// TensorRT: INT8 kernels, with the ranges of a `narx calibrate` output (its calibration
+    /// table for the float graphs, or its int8/ QDQ model).
+    #[arg(long)]
+    trt_int8: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -66,7 +72,14 @@ impl BackendArgs {
         purpose: Purpose,
         order: Option<Order>,
     ) -> anyhow::Result<AnyGenerator> {
-        let (provider, options) = self.load_options(order)?;
+        let (provider, mut options) = self.float_options(order)?;
+        if self.trt_int8 {
+            if provider != Provider::TensorRt {
+                return Err(BadInput("--trt-int8 needs --provider tensorrt".into()).into());
+            }
+            let manifest = Manifest::load(dir)?;
+            options.gpu.int8 = Some(tensorrt_int8(dir, &manifest)?);
+        }
         let (generator, note) = AnyGenerator::open(dir, provider, &options, purpose)?;
         if let Some(note) = note {
             eprintln!("narx: {note}");
@@ -74,8 +87,18 @@ impl BackendArgs {
         Ok(generator)
     }
 
-    /// The backend choice and its settings, for code that opens models itself.
+    /// The backend choice and its settings, for code that opens models itself (in float:
+    /// `--trt-int8` is refused).
     pub fn load_options(&self, order: Option<Order>) -> anyhow::Result<(Provider, LoadOptions)> {
+        if self.trt_int8 {
+            return Err(
+                BadInput("--trt-int8 is for running a calibrated model, not here".into()).into(),
+            );
+        }
+        self.float_options(order)
+    }
+
+    fn float_options(&self, order: Option<Order>) -> anyhow::Result<(Provider, LoadOptions)> {
         if self.threads == Some(0) {
             return Err(BadInput("--threads must be at least 1".into()).into());
         }
@@ -116,6 +139,7 @@ impl BackendArgs {
             builder_optimization_level: self.trt_opt_level,
             cache_dir: self.trt_cache.clone(),
             no_cache: self.no_trt_cache,
+            int8: None,
         })
     }
 }

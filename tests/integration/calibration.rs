@@ -160,6 +160,8 @@ fn calibrate_writes_tables_for_every_activation_and_the_model_still_runs() {
     let output = narx(&["inspect", out.to_str().unwrap()]);
     assert!(crate::common::stdout(&output).contains("calibrated (entropy, 4 generations)"));
 
+    tensorrt_int8_takes_only_a_table_made_for_the_model(&dir, &out, &calibration.ort_table);
+
     // Bad input: no classes, a class the model does not have; nothing is left behind.
     let bad = t.join("bad");
     for classes in ["", "12"] {
@@ -186,4 +188,56 @@ fn calibrate_writes_tables_for_every_activation_and_the_model_still_runs() {
         .file_name()
         .to_string_lossy()
         .contains("partial")));
+}
+
+/// `--trt-int8` on the calibrated directory `out` (its table at `table`) and on the float
+/// directory `float` it was made from: the table is checked against the graphs before
+/// TensorRT is asked for (which then fails here, without a GPU, with exit 1).
+fn tensorrt_int8_takes_only_a_table_made_for_the_model(float: &Path, out: &Path, table: &str) {
+    let run = |dir: &Path, provider: &str| {
+        narx(&[
+            "run",
+            dir.to_str().unwrap(),
+            "--class",
+            "1",
+            "--provider",
+            provider,
+            "--trt-int8",
+        ])
+    };
+    let output = run(out, "tensorrt");
+    let err = stderr(&output);
+    assert_eq!(output.status.code(), Some(1), "{err}");
+    assert!(err.contains("TensorrtExecutionProvider"), "{err}");
+    assert_bad_input(&run(out, "cpu"), &["--trt-int8 needs --provider tensorrt"]);
+    assert_bad_input(
+        &run(float, "tensorrt"),
+        &["has no INT8 ranges", "narx calibrate"],
+    );
+    // The QDQ model carries its own ranges: no table needed.
+    let output = run(&out.join("int8"), "tensorrt");
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+
+    // A table for another model: a tensor the graphs lack, or one missing.
+    let path = out.join(table);
+    let original = std::fs::read(&path).unwrap();
+    let ranges = narx_calibration::tables::parse_ort_trt_table(&original).unwrap();
+    let mut foreign = ranges.clone();
+    foreign.push(("/other_model/input".to_string(), 1.0));
+    let mut partial = ranges.clone();
+    let dropped = partial.pop().unwrap().0;
+    for (table, needle) in [
+        (
+            foreign,
+            "no graph has the tensor /other_model/input".to_string(),
+        ),
+        (partial, format!("no range for {dropped}")),
+    ] {
+        std::fs::write(&path, ort_trt_table(&table)).unwrap();
+        assert_bad_input(
+            &run(out, "tensorrt"),
+            &[&needle, "made for a different model"],
+        );
+    }
+    std::fs::write(&path, original).unwrap();
 }

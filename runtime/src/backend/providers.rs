@@ -87,6 +87,18 @@ pub struct TensorRtOptions {
     /// Folder for TensorRT's timing cache, which speeds up building engines for other shapes;
     /// `None` turns it off.
     pub timing_cache: Option<PathBuf>,
+    /// INT8 kernels; `None` keeps TensorRT in float.
+    pub int8: Option<TensorRtInt8>,
+}
+
+/// Where TensorRT's INT8 ranges come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TensorRtInt8 {
+    /// The graph carries them (a QDQ model, explicit quantisation).
+    Qdq,
+    /// A float graph with ONNX Runtime's `TrtTable` calibration table (implicit
+    /// quantisation), as `narx calibrate` writes it.
+    Table(PathBuf),
 }
 
 impl Default for TensorRtOptions {
@@ -99,6 +111,7 @@ impl Default for TensorRtOptions {
             builder_optimization_level: 3,
             engine_cache: None,
             timing_cache: None,
+            int8: None,
         }
     }
 }
@@ -143,6 +156,18 @@ impl TensorRtOptions {
         }
         if let Some(dir) = &self.timing_cache {
             options.push(("trt_timing_cache_path", dir.display().to_string()));
+        }
+        if let Some(int8) = &self.int8 {
+            options.push(("trt_int8_enable", flag(true)));
+            if let TensorRtInt8::Table(table) = int8 {
+                // An absolute path: ONNX Runtime resolves the name against the engine cache
+                // folder, which an absolute path overrides.
+                options.push((
+                    "trt_int8_calibration_table_name",
+                    table.display().to_string(),
+                ));
+                options.push(("trt_int8_use_native_calibration_table", flag(false)));
+            }
         }
         if let Some(profile) = profile {
             options.push(("trt_profile_min_shapes", profile.min.clone()));
@@ -227,6 +252,9 @@ mod tests {
             builder_optimization_level: 5,
             engine_cache: Some(PathBuf::from("/models/b/trt-cache")),
             timing_cache: Some(PathBuf::from("/models/b/trt-cache")),
+            int8: Some(TensorRtInt8::Table(PathBuf::from(
+                "/models/b/calibration.flatbuffers",
+            ))),
         };
         let shapes = ProfileShapes {
             min: "tokens:1x1".into(),
@@ -247,6 +275,12 @@ mod tests {
             ("trt_engine_cache_path", "/models/b/trt-cache"),
             ("trt_timing_cache_enable", "1"),
             ("trt_timing_cache_path", "/models/b/trt-cache"),
+            ("trt_int8_enable", "1"),
+            (
+                "trt_int8_calibration_table_name",
+                "/models/b/calibration.flatbuffers",
+            ),
+            ("trt_int8_use_native_calibration_table", "0"),
             ("trt_profile_min_shapes", "tokens:1x1"),
             ("trt_profile_opt_shapes", "tokens:2x8"),
             ("trt_profile_max_shapes", "tokens:16x16"),
@@ -266,6 +300,18 @@ mod tests {
         assert!(!plain.contains_key("trt_engine_cache_path"));
         assert!(!plain.contains_key("trt_profile_min_shapes"));
         assert!(!plain.contains_key("trt_max_workspace_size"));
+        assert!(!plain.contains_key("trt_int8_enable"));
+
+        // A QDQ model carries its ranges: INT8 on, no table.
+        let qdq: BTreeMap<&str, String> = TensorRtOptions {
+            int8: Some(TensorRtInt8::Qdq),
+            ..TensorRtOptions::default()
+        }
+        .provider_options(None)
+        .into_iter()
+        .collect();
+        assert_eq!(qdq["trt_int8_enable"], "1");
+        assert!(!qdq.contains_key("trt_int8_calibration_table_name"));
     }
 
     #[test]
