@@ -24,17 +24,56 @@ table = TrtTable.GetRootAsTrtTable(buf, 0)
 print(json.dumps({table.Dict(i).Key().decode(): table.Dict(i).Value().decode()
                   for i in range(table.DictLength())}))
 "#;
+    python_json(script, &[path.to_str().unwrap()])
+}
+
+/// Runs `script` with `args` in Python with the `onnxruntime` wheel; its stdout as JSON.
+fn python_json<T: serde::de::DeserializeOwned>(script: &str, args: &[&str]) -> T {
     let output = Command::new("python3")
-        .args(["-c", script, path.to_str().unwrap()])
+        .arg("-c")
+        .arg(script)
+        .args(args)
         .output()
         .expect("python3 runs");
     assert!(
         output.status.success(),
-        "ONNX Runtime's reader failed (the tests need the onnxruntime wheel: run them through \
-         `bash .ci/run`):\n{}",
+        "the onnxruntime wheel's Python code failed (run the tests through `bash .ci/run`, \
+         which installs it):\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
     serde_json::from_slice(&output.stdout).unwrap()
+}
+
+/// The operator types of `graph` after ONNX Runtime's CPU optimisations, and the names of
+/// the MatMuls still reading a DequantizeLinear output (run in float, not integer kernels).
+fn optimised_by_onnxruntime(graph: &Path, temp: &Path) -> (Vec<String>, Vec<String>) {
+    let script = r#"
+import sys, onnxruntime as ort
+options = ort.SessionOptions()
+options.optimized_model_filepath = sys.argv[2]
+options.log_severity_level = 3
+ort.InferenceSession(sys.argv[1], options, providers=["CPUExecutionProvider"])
+print("null")
+"#;
+    let optimised = temp.join("optimised.onnx");
+    python_json::<()>(
+        script,
+        &[graph.to_str().unwrap(), optimised.to_str().unwrap()],
+    );
+    let model = narx_graphs::decode_model(&std::fs::read(&optimised).unwrap()).unwrap();
+    let nodes = model.graph.unwrap().node;
+    let op = |n: &narx_graphs::onnx::NodeProto| n.op_type.clone().unwrap_or_default();
+    let dequantised: Vec<&String> = nodes
+        .iter()
+        .filter(|n| op(n) == "DequantizeLinear")
+        .flat_map(|n| &n.output)
+        .collect();
+    let in_float = nodes
+        .iter()
+        .filter(|n| op(n) == "MatMul" && n.input.iter().any(|i| dequantised.contains(&i)))
+        .map(|n| n.name.clone().unwrap_or_default())
+        .collect();
+    (nodes.iter().map(op).collect(), in_float)
 }
 
 #[test]
@@ -161,6 +200,18 @@ fn calibrate_writes_tables_for_every_activation_and_the_model_still_runs() {
     assert!(crate::common::stdout(&output).contains("calibrated (entropy, 4 generations)"));
 
     tensorrt_int8_takes_only_a_table_made_for_the_model(&dir, &out, &calibration.ort_table);
+
+    // ONNX Runtime's CPU provider runs every quantised product with integer kernels.
+    let qdq = Manifest::load(&out.join("int8")).unwrap();
+    let (ops, in_float) =
+        optimised_by_onnxruntime(&out.join("int8").join(&qdq.graphs.step.file), t);
+    assert!(in_float.is_empty(), "MatMuls left in float: {in_float:?}");
+    let integer = ops
+        .iter()
+        .filter(|op| *op == "MatMulIntegerToFloat")
+        .count();
+    // Per block: QKV, attention output, w1|w3, w2.
+    assert_eq!(integer, 4 * qdq.kv_cache.layers, "{ops:?}");
 
     // Bad input: no classes, a class the model does not have; nothing is left behind.
     let bad = t.join("bad");

@@ -452,10 +452,21 @@ impl<'a> Model<'a> {
     ) -> Result<Value, GraphError> {
         let (d, f) = (self.shape.dim, self.shape.ffn_hidden());
         let p = |s: &str| format!("layers.{layer}.feed_forward.{s}.weight");
-        let gate = self.linear(b, x, &p("w1"), d, f)?;
+        // w1 and w3 read the same input: one MatMul over both, stored `(d, 2f)`. One larger
+        // product runs faster than two, and a QDQ model then has one quantised input per
+        // product (ONNX Runtime merges identical QuantizeLinear nodes, and does not fuse a
+        // shared one into integer MatMuls).
+        let (w1, w3) = (p("w1"), p("w3"));
+        let w13 = b.weight(&format!("{w1}+w3.T"), self.dtype(), &[d, 2 * f], || {
+            let mut rows = self.params.read_f32_exact(&w1, f * d)?;
+            rows.extend(self.params.read_f32_exact(&w3, f * d)?);
+            Ok(self.in_dtype(transposed(&rows, 2 * f, d)))
+        })?;
+        let both = b.matmul(x, w13)?;
+        let halves = b.split(both, -1, &[f as i64, f as i64])?;
+        let (gate, up) = (halves[0], halves[1]);
         let sig = b.sigmoid(gate)?;
         let gate = b.mul(gate, sig)?;
-        let up = self.linear(b, x, &p("w3"), d, f)?;
         let hidden = b.mul(gate, up)?;
         self.linear(b, hidden, &p("w2"), f, d)
     }
