@@ -44,6 +44,14 @@ impl GraphBuilder<'_> {
         self.binary("Mul", a, b)
     }
 
+    pub fn div(&mut self, a: Value, b: Value) -> Result<Value, GraphError> {
+        self.binary("Div", a, b)
+    }
+
+    pub fn pow(&mut self, a: Value, b: Value) -> Result<Value, GraphError> {
+        self.binary("Pow", a, b)
+    }
+
     pub fn matmul(&mut self, a: Value, b: Value) -> Result<Value, GraphError> {
         self.binary("MatMul", a, b)
     }

@@ -96,23 +96,24 @@ impl<'a> Model<'a> {
     }
 
     /// RMSNorm as upstream: normalise in float32, round to the model dtype, then scale.
+    /// Written in the form ONNX Runtime fuses into one `SimplifiedLayerNormalization`.
     ///
     /// ```text
-    /// x ─Cast(f32)─┬─Mul(x,x)─ReduceMean─Add(eps)─Sqrt─Reciprocal─┐
-    ///              └──────────────────────────────────────────────Mul─Cast(dtype)─Mul(weight)
+    /// x ─Cast(f32)─┬─Pow(2)─ReduceMean─Add(eps)─Sqrt─┐
+    ///              └─────────────────────────────────Div─Cast(dtype)─Mul(weight)
     /// ```
     fn rms_norm(&self, b: &mut GraphBuilder, x: Value, weight: &str) -> Result<Value, GraphError> {
         let d = self.shape.dim;
         let eps = self.shape.norm_eps as f32;
         b.scoped(weight.trim_end_matches(".weight"), |b| {
             let x32 = b.cast(x, DType::F32)?;
-            let square = b.mul(x32, x32)?;
+            let two = b.scalar(2.0, DType::F32)?;
+            let square = b.pow(x32, two)?;
             let mean = b.reduce_mean(square, &[-1])?;
             let eps = b.scalar(eps, DType::F32)?;
             let var = b.add(mean, eps)?;
             let root = b.sqrt(var)?;
-            let inv = b.reciprocal(root)?;
-            let normed = b.mul(x32, inv)?;
+            let normed = b.div(x32, root)?;
             let normed = b.cast(normed, self.dtype())?;
             let w = self.param(b, weight, &[d])?;
             b.mul(normed, w)
