@@ -22,7 +22,7 @@ use criterion::{
 };
 use narx_export::model_dir::{export, ExportRequest, VqRequest};
 use narx_export::random::random_weights;
-use narx_graphs::manifest::{Condition, KvCache, Manifest};
+use narx_graphs::manifest::{CacheLayout, Condition, KvCache, Manifest};
 use narx_graphs::nar::{names, ModelArgs};
 use narx_graphs::vq::VqConfig;
 use narx_graphs::DType;
@@ -71,6 +71,7 @@ fn export_model(dir: &Path) -> Manifest {
         config: args.into(),
         grid: None,
         dtype: DType::F32,
+        layout: CacheLayout::Append,
         output: dir.to_path_buf(),
         force: false,
         vq: Some(VqRequest {

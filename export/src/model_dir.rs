@@ -6,7 +6,9 @@
 use std::path::{Path, PathBuf};
 
 use narx_graphs::larp::{self, LarpConfig};
-use narx_graphs::manifest::{DecoderFile, GraphFile, LarpDecoderFile, Manifest, WEIGHTS_FILE};
+use narx_graphs::manifest::{
+    CacheLayout, DecoderFile, GraphFile, LarpDecoderFile, Manifest, WEIGHTS_FILE,
+};
 use narx_graphs::nar::{self, ModelConfig, NarSpec, ParamSource};
 use narx_graphs::vq::{self, VqConfig};
 use narx_graphs::weights::WeightStore;
@@ -29,6 +31,8 @@ pub struct ExportRequest<'a> {
     /// `latent_shape`.
     pub grid: Option<usize>,
     pub dtype: DType,
+    /// How the KV cache travels between calls: `Static` for TensorRT (`--static`).
+    pub layout: CacheLayout,
     pub output: PathBuf,
     /// Replace an existing model directory.
     pub force: bool,
@@ -110,7 +114,8 @@ pub fn export(request: &ExportRequest) -> Result<Manifest, ExportError> {
         }
         (ModelConfig::Video(args), None) => args.latent_shape.clone(),
     };
-    let spec = NarSpec::new(request.config.clone(), grid, request.dtype)?;
+    let spec =
+        NarSpec::new(request.config.clone(), grid, request.dtype)?.with_layout(request.layout);
     check_parameters(request.source, &spec.config.parameters())?;
     let vocab_size = spec.config.transformer().vocab_size;
     if let Some(vq) = &request.vq {

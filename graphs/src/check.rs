@@ -1146,7 +1146,7 @@ mod tests {
     use super::*;
     use crate::builder::{Attr, DType, Dim, GraphBuilder};
     use crate::larp::{self, LarpConfig};
-    use crate::manifest::{DecoderFile, GraphFile, LarpDecoderFile};
+    use crate::manifest::{CacheLayout, DecoderFile, GraphFile, LarpDecoderFile};
     use crate::nar::Zeros;
     use crate::nar::{self, ModelArgs, ModelConfig, NarSpec, VideoArgs};
     use crate::vq;
@@ -1213,11 +1213,17 @@ mod tests {
     /// Writes a model directory as `narx export` does: prefill, step and the tokenizer's
     /// decoder over one weight file, and a manifest with export's profile ranges.
     fn export(dir: &Path, config: ModelConfig) -> Manifest {
+        export_as(dir, config, CacheLayout::Append)
+    }
+
+    fn export_as(dir: &Path, config: ModelConfig, layout: CacheLayout) -> Manifest {
         let grid = match &config {
             ModelConfig::Image(_) => vec![4, 4],
             ModelConfig::Video(args) => args.latent_shape.clone(),
         };
-        let spec = NarSpec::new(config.clone(), grid, DType::F32).unwrap();
+        let spec = NarSpec::new(config.clone(), grid, DType::F32)
+            .unwrap()
+            .with_layout(layout);
         let mut store = WeightStore::external(dir, "weights.bin").unwrap();
         let graphs = nar::build(&spec, &Zeros(config.parameters()), &mut store).unwrap();
         let (vq, larp) = (crate::vq::tests::small(), larp_config());
@@ -1304,9 +1310,13 @@ mod tests {
 
     #[test]
     fn our_graphs_build_on_tensorrt_10() {
-        for config in [image(), captions(), video()] {
+        let layouts = [CacheLayout::Append, CacheLayout::Static];
+        for (config, layout) in [image(), captions(), video()]
+            .into_iter()
+            .flat_map(|config| layouts.map(|layout| (config.clone(), layout)))
+        {
             let dir = tempfile::tempdir().unwrap();
-            export(dir.path(), config);
+            export_as(dir.path(), config, layout);
             let problems = check(dir.path(), TensorRtTarget::V10);
             // Only the decoder's batch, which has no profile by design.
             assert_eq!(

@@ -194,12 +194,32 @@ pub struct WeightsFile {
     pub bytes: u64,
 }
 
+/// How the KV cache travels between calls (see the `nar` module docs).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheLayout {
+    /// Each call's `present.*` = `past.*` + this call's keys, in generation order.
+    #[default]
+    Append,
+    /// Full capacity from the start, every dimension fixed but the batch; `cache_write`
+    /// places each call's keys, `key_bias` masks the slots not filled yet.
+    Static,
+}
+
+impl std::fmt::Display for CacheLayout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CacheLayout::Append => "append",
+            CacheLayout::Static => "static",
+        })
+    }
+}
+
 /// How the KV cache travels between calls (see `nar` module docs).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KvCache {
-    /// `append`: each call's `present.*` = `past.*` + this call's keys, in generation order.
-    pub layout: String,
+    pub layout: CacheLayout,
     pub layers: usize,
     pub kv_heads: usize,
     pub head_dim: usize,
@@ -442,7 +462,7 @@ impl Manifest {
                 bytes: weight_bytes,
             },
             kv_cache: KvCache {
-                layout: "append".into(),
+                layout: spec.layout,
                 layers: config.blocks(),
                 kv_heads: shape.kv_heads(),
                 head_dim: shape.head_dim(),

@@ -7,9 +7,9 @@
 use std::collections::HashMap;
 use std::time::Instant;
 
-use narx_graphs::manifest::{Condition, Family, KvCache, Manifest};
+use narx_graphs::manifest::{CacheLayout, Condition, Family, KvCache, Manifest};
 use narx_graphs::nar::names;
-use narx_graphs::DType;
+use narx_graphs::{DType, Dim};
 
 use crate::backend::{Engine, GraphKind, HostTensor};
 use crate::decode::Decoded;
@@ -238,6 +238,10 @@ impl<E: Engine> Generator<E> {
             .collect();
         let mut grid_tokens = vec![0u32; batch * cells];
         let mut cache: Vec<(String, E::Value)> = Vec::new();
+        let mut slots = match self.manifest.kv_cache.layout {
+            CacheLayout::Append => None,
+            CacheLayout::Static => Some(StaticSlots::new(&self.manifest, rows)?),
+        };
         // Buffers reused from call to call (sized for the widest wavefront on first use).
         let (mut logits, mut guided, mut scratch) = (Vec::new(), Vec::new(), Vec::new());
         let mut tokens = Vec::new();
@@ -259,11 +263,26 @@ impl<E: Engine> Generator<E> {
                     .iter()
                     .map(|c| (condition_len + c.raster()) as i64)
                     .collect();
-                (GraphKind::Step, self.step_inputs(tokens, positions, rows)?)
+                let inputs = match &mut slots {
+                    None => self.step_inputs(tokens, positions, rows)?,
+                    Some(slots) => {
+                        let (tokens, positions, masks) = slots.step(tokens, positions)?;
+                        let mut inputs = self.step_inputs(tokens, positions, rows)?;
+                        for (name, mask) in masks {
+                            inputs.push((name.to_string(), self.engine.upload(mask)?));
+                        }
+                        inputs
+                    }
+                };
+                (GraphKind::Step, inputs)
             };
             inputs.append(&mut cache);
             let mut outputs = self.engine.run(kind, inputs)?;
-            let heads = self.head_logits(&mut outputs, rows, call.input_len())?;
+            let returned = match &slots {
+                Some(slots) if kind == GraphKind::Step => slots.width,
+                _ => call.input_len(),
+            };
+            let heads = self.head_logits(&mut outputs, rows, call.input_len(), returned)?;
             if let Some(observe) = observe.as_mut() {
                 for (name, value) in &outputs {
                     if !self.manifest.heads.iter().any(|h| h.output == *name) {
@@ -272,7 +291,16 @@ impl<E: Engine> Generator<E> {
                     }
                 }
             }
-            cache = self.carry_cache(&mut outputs)?;
+            if let Some(slots) = &mut slots {
+                if kind == GraphKind::Prefill {
+                    let name = &self.manifest.kv_cache.present_key_bias;
+                    let bias = outputs.remove(name).ok_or_else(|| {
+                        RuntimeError::backend(&self.engine.name(), format!("no output {name}"))
+                    })?;
+                    slots.start(&self.engine.download_f32(&bias)?.1)?;
+                }
+            }
+            cache = self.carry_cache(&mut outputs, slots.is_none())?;
             let model_seconds = started.elapsed().as_secs_f64();
             let started = Instant::now();
             let head_refs: Vec<&[f32]> = heads.iter().map(Vec::as_slice).collect();
@@ -429,13 +457,17 @@ impl<E: Engine> Generator<E> {
 
     /// The logits `(rows, width, vocab)` of each head the plan reads, on the host, in plan
     /// head order.
+    /// Each head's logits `(rows, width, vocab)`, from outputs `returned` wide (the static
+    /// layout pads the wavefront; the padding rows are dropped).
     fn head_logits(
         &self,
         outputs: &mut HashMap<String, E::Value>,
         rows: usize,
         width: usize,
+        returned: usize,
     ) -> Result<Vec<Vec<f32>>, RuntimeError> {
-        let expected = [rows, width, self.manifest.vocab_size];
+        let vocab = self.manifest.vocab_size;
+        let expected = [rows, returned, vocab];
         self.heads
             .iter()
             .map(|&index| {
@@ -450,7 +482,14 @@ impl<E: Engine> Generator<E> {
                         format!("{} has shape {shape:?}, expected {expected:?}", head.output),
                     ));
                 }
-                Ok(data)
+                if returned == width {
+                    return Ok(data);
+                }
+                Ok(data
+                    .chunks(returned * vocab)
+                    .flat_map(|row| &row[..width * vocab])
+                    .copied()
+                    .collect())
             })
             .collect()
     }
@@ -493,13 +532,18 @@ impl<E: Engine> Generator<E> {
         Ok(inputs)
     }
 
-    /// Renames this call's `present.*` outputs to the next call's `past.*` inputs.
+    /// Renames this call's `present.*` outputs to the next call's `past.*` inputs (the key
+    /// bias too, `with_bias`, in the append layout).
     fn carry_cache(
         &self,
         outputs: &mut HashMap<String, E::Value>,
+        with_bias: bool,
     ) -> Result<Inputs<E>, RuntimeError> {
         let kv = &self.manifest.kv_cache;
-        let mut pairs = vec![(kv.present_key_bias.clone(), kv.past_key_bias.clone())];
+        let mut pairs = Vec::new();
+        if with_bias {
+            pairs.push((kv.present_key_bias.clone(), kv.past_key_bias.clone()));
+        }
         for layer in 0..kv.layers {
             pairs.push((
                 KvCache::name(&kv.present_key, layer),
@@ -519,6 +563,110 @@ impl<E: Engine> Generator<E> {
                 Ok((past, value))
             })
             .collect()
+    }
+}
+
+/// A static step's padded tokens and positions, and its `key_bias` and `cache_write`.
+type StaticStep = (Vec<i64>, Vec<i64>, [(&'static str, HostTensor); 2]);
+
+/// The host side of the static cache layout (the `nar` module docs of narx-graphs): which
+/// slots are filled, the bias of every slot, and the padded wavefront width.
+struct StaticSlots {
+    rows: usize,
+    capacity: usize,
+    width: usize,
+    filled: usize,
+    /// `(rows, capacity)`: 0 where a key is visible, −∞ where not (or not filled yet).
+    bias: Vec<f32>,
+}
+
+impl StaticSlots {
+    fn new(manifest: &Manifest, rows: usize) -> Result<Self, RuntimeError> {
+        let width = manifest
+            .graphs
+            .step
+            .inputs
+            .iter()
+            .find(|input| input.name == names::TOKENS)
+            .and_then(|tokens| match tokens.shape.get(1) {
+                Some(Dim::Fixed(width)) => Some(*width),
+                _ => None,
+            })
+            .ok_or_else(|| {
+                RuntimeError::BadInput(
+                    "the manifest says the cache is static, but the step's tokens have no \
+                     fixed width"
+                        .into(),
+                )
+            })?;
+        let capacity = manifest.kv_cache.capacity;
+        Ok(StaticSlots {
+            rows,
+            capacity,
+            width,
+            filled: 0,
+            bias: vec![f32::NEG_INFINITY; rows * capacity],
+        })
+    }
+
+    /// After the prefill: its condition keys' bias `(rows, C)` fills the first slots.
+    fn start(&mut self, condition: &[f32]) -> Result<(), RuntimeError> {
+        let c = condition.len() / self.rows.max(1);
+        if c * self.rows != condition.len() || c > self.capacity {
+            return Err(RuntimeError::BadInput(format!(
+                "the prefill's key bias has {} values for {} rows and {} slots",
+                condition.len(),
+                self.rows,
+                self.capacity
+            )));
+        }
+        for (row, bias) in condition.chunks(c).enumerate() {
+            self.bias[row * self.capacity..][..c].copy_from_slice(bias);
+        }
+        self.filled = c;
+        Ok(())
+    }
+
+    /// One step's `tokens (rows, n)` and `positions (n)` padded to the width (padding feeds
+    /// token 0 at the first position and is written nowhere), with the key bias that shows
+    /// the filled slots and this call's, and the one-hot `cache_write`.
+    fn step(&mut self, tokens: Vec<i64>, positions: Vec<i64>) -> Result<StaticStep, RuntimeError> {
+        let (n, w, capacity) = (positions.len(), self.width, self.capacity);
+        if n > w || self.filled + n > capacity {
+            return Err(RuntimeError::BadInput(format!(
+                "a step of {n} tokens after {} does not fit the static graphs ({w} tokens per \
+                 step, {capacity} cache slots)",
+                self.filled
+            )));
+        }
+        let tokens = tokens
+            .chunks(n.max(1))
+            .flat_map(|row| row.iter().copied().chain(std::iter::repeat_n(0, w - n)))
+            .collect();
+        let pad = positions.first().copied().unwrap_or(0);
+        let positions = positions
+            .into_iter()
+            .chain(std::iter::repeat_n(pad, w - n))
+            .collect();
+        let mut write = vec![0.0; capacity * w];
+        for j in 0..n {
+            write[(self.filled + j) * w + j] = 1.0;
+        }
+        for row in 0..self.rows {
+            self.bias[row * capacity + self.filled..][..n].fill(0.0);
+        }
+        self.filled += n;
+        let masks = [
+            (
+                names::KEY_BIAS,
+                HostTensor::F32(vec![self.rows, capacity], self.bias.clone()),
+            ),
+            (
+                names::CACHE_WRITE,
+                HostTensor::F32(vec![capacity, w], write),
+            ),
+        ];
+        Ok((tokens, positions, masks))
     }
 }
 

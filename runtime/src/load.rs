@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use narx_graphs::manifest::{Condition, Manifest, TensorRtSettings};
+use narx_graphs::manifest::{CacheLayout, Condition, Manifest, TensorRtSettings};
 
 use crate::backend::ort::{find_library, init, provider_available, OrtEngine, OrtOptions};
 use crate::backend::providers::{
@@ -103,11 +103,12 @@ pub fn graph_files(
     step_runs_prefill: bool,
 ) -> Vec<(GraphKind, PathBuf)> {
     let decoder = manifest.decoder_graph().map(|graph| &graph.file);
+    // A static step's cache starts at full capacity, which the prefill graph provides.
     let prefill = match manifest.condition {
         Condition::Class {
             class_token_offset: Some(_),
             ..
-        } if step_runs_prefill => None,
+        } if step_runs_prefill && manifest.kv_cache.layout == CacheLayout::Append => None,
         _ => Some(&manifest.graphs.prefill.file),
     };
     let files = match purpose {

@@ -9,6 +9,7 @@ use clap::Args;
 
 use narx_export::model_dir::{export, ExportRequest};
 use narx_export::random::random_weights;
+use narx_graphs::manifest::CacheLayout;
 use narx_graphs::nar::ModelConfig;
 use narx_graphs::DType;
 use narx_runtime::flops::generation_flops;
@@ -119,6 +120,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 config: model,
                 grid,
                 dtype: DType::F32,
+                layout: CacheLayout::Append,
                 output: dir.clone(),
                 force: false,
                 vq: None,

@@ -8,6 +8,7 @@ use clap::Args;
 
 use narx_export::model_dir::{export, ExportRequest, VqRequest};
 use narx_export::random::random_weights;
+use narx_graphs::manifest::CacheLayout;
 use narx_graphs::nar::{ModelArgs, ModelConfig};
 use narx_graphs::vq::VqConfig;
 use narx_graphs::DType;
@@ -82,6 +83,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         config: model,
         grid: None,
         dtype: DType::F32,
+        layout: CacheLayout::Append,
         output: dir.clone(),
         force: args.output.is_some(),
         vq: Some(VqRequest {

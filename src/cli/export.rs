@@ -11,6 +11,7 @@ use narx_export::model_dir::{export, ExportRequest, LarpRequest, VqRequest};
 use narx_export::presets::{preset, preset_names};
 use narx_export::random::random_weights;
 use narx_graphs::larp::LarpConfig;
+use narx_graphs::manifest::CacheLayout;
 use narx_graphs::nar::ModelConfig;
 use narx_graphs::vq::VqConfig;
 use narx_graphs::DType;
@@ -41,6 +42,11 @@ pub struct ExportArgs {
     /// Precision of weights and matmuls.
     #[arg(long, value_enum, default_value = "fp32")]
     dtype: Precision,
+    /// Shapes for TensorRT: every dimension fixed but the batch (the wavefront padded to the
+    /// widest, the KV cache at full capacity, masks doing the rest), so one engine serves
+    /// the whole generation.
+    #[arg(long = "static")]
+    static_shapes: bool,
     /// The image tokenizer (VQ) checkpoint, so `narx run -o` can write pictures; its encoder
     /// is ignored.
     #[arg(long)]
@@ -158,6 +164,11 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
         config: model,
         grid: args.grid,
         dtype: args.dtype.dtype(),
+        layout: if args.static_shapes {
+            CacheLayout::Static
+        } else {
+            CacheLayout::Append
+        },
         output: args.output.clone(),
         force: args.force,
         vq: vq_source.as_ref().map(|source| VqRequest {

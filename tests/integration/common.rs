@@ -5,7 +5,7 @@ use std::process::{Command, Output};
 
 use narx_export::checkpoint::open_checkpoint;
 use narx_export::model_dir::{export, ExportRequest};
-use narx_graphs::manifest::Manifest;
+use narx_graphs::manifest::{CacheLayout, Manifest};
 use narx_graphs::nar::ModelConfig;
 use narx_graphs::DType;
 use narx_runtime::backend::ort::{find_library, OrtEngine, OrtOptions};
@@ -95,12 +95,24 @@ impl Reference {
 
 /// Exports `checkpoint` (a fixture file) into `dir` with the fixture's config.
 pub fn export_fixture(name: &str, file: &str, dir: &Path, dtype: DType) -> Manifest {
+    export_fixture_as(name, file, dir, dtype, CacheLayout::Append)
+}
+
+/// [`export_fixture`] with the cache in `layout`.
+pub fn export_fixture_as(
+    name: &str,
+    file: &str,
+    dir: &Path,
+    dtype: DType,
+    layout: CacheLayout,
+) -> Manifest {
     let source = open_checkpoint(&fixture(name).join(file)).unwrap();
     export(&ExportRequest {
         source: source.as_ref(),
         config: model_config(name),
         grid: None,
         dtype,
+        layout,
         output: dir.to_path_buf(),
         force: false,
         vq: None,

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use narx_export::checkpoint::{InMemory, TensorSource};
 use narx_export::model_dir::{export, ExportRequest};
 use narx_export::random::random_weights;
+use narx_graphs::manifest::CacheLayout;
 use narx_graphs::nar::ModelArgs;
 use narx_graphs::DType;
 use narx_runtime::backend::{Engine, GraphKind, HostTensor};
@@ -150,6 +151,7 @@ fn grouped_query_attention_matches_repeated_kv_heads() {
             config: args.clone().into(),
             grid: None,
             dtype: DType::F32,
+            layout: CacheLayout::Append,
             output: dir.clone(),
             force: false,
             vq: None,

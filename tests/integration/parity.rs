@@ -1,12 +1,16 @@
 //! Conformance against the upstream fixtures: every call's assembled and guided logits within
-//! 1e-3, and every token exact under greedy decoding, on tract and on ONNX Runtime CPU.
+//! 1e-3, and every token exact under greedy decoding, on tract and on ONNX Runtime CPU, in
+//! both cache layouts.
 
-use narx_graphs::DType;
+use narx_graphs::manifest::CacheLayout;
+use narx_graphs::{DType, Dim};
 use narx_runtime::backend::Engine;
 use narx_runtime::generate::{GenerateOptions, Generator, Prompts};
 use narx_runtime::sampling::SamplingParams;
 
-use crate::common::{export_fixture, ort_generator, reference_json, tract_generator, Reference};
+use crate::common::{
+    export_fixture, export_fixture_as, ort_generator, reference_json, tract_generator, Reference,
+};
 
 const TOLERANCE: f32 = 1e-3;
 
@@ -130,6 +134,33 @@ fn parity(name: &str) {
     replay(&mut tract_generator(&from_pt), name);
     replay(&mut ort_generator(&from_safetensors), name);
     replay(&mut ort_generator(&from_pt), name);
+
+    // The static layout (`--static`): every dimension but the batch fixed.
+    let fixed = temp.path().join("static");
+    let manifest = export_fixture_as(
+        name,
+        "model.safetensors",
+        &fixed,
+        DType::F32,
+        CacheLayout::Static,
+    );
+    assert_eq!(manifest.kv_cache.layout, CacheLayout::Static);
+    for graph in [&manifest.graphs.prefill, &manifest.graphs.step] {
+        for tensor in graph.inputs.iter().chain(&graph.outputs) {
+            let dynamic: Vec<&Dim> = tensor
+                .shape
+                .iter()
+                .filter(|d| !matches!(d, Dim::Fixed(_)))
+                .collect();
+            assert!(
+                dynamic.iter().all(|d| **d == Dim::named("batch")),
+                "{name}: {} has dynamic dims {dynamic:?}",
+                tensor.name
+            );
+        }
+    }
+    replay(&mut tract_generator(&fixed), name);
+    replay(&mut ort_generator(&fixed), name);
 }
 
 #[test]

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use narx_export::checkpoint::open_checkpoint;
 use narx_export::model_dir::{export, ExportRequest, VqRequest};
+use narx_graphs::manifest::CacheLayout;
 use narx_graphs::vq::VqConfig;
 use narx_graphs::DType;
 use narx_runtime::picture::{generated_after, greyed, to_pixels, trace_frames};
@@ -28,6 +29,7 @@ fn export_with_decoder(dir: &Path) {
         config: model_config("nar-c2i-tiny"),
         grid: None,
         dtype: DType::F32,
+        layout: CacheLayout::Append,
         output: dir.to_path_buf(),
         force: false,
         vq: Some(VqRequest {

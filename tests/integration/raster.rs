@@ -6,6 +6,7 @@ use std::path::Path;
 
 use narx_export::checkpoint::{open_checkpoint, InMemory, TensorSource};
 use narx_export::model_dir::{export, ExportRequest};
+use narx_graphs::manifest::CacheLayout;
 use narx_graphs::nar::ModelArgs;
 use narx_graphs::DType;
 use narx_runtime::backend::Engine;
@@ -233,6 +234,7 @@ fn export_llamagen(dir: &Path) {
         config: args.into(),
         grid: None,
         dtype: DType::F32,
+        layout: CacheLayout::Append,
         output: dir.to_path_buf(),
         force: false,
         vq: None,

@@ -7,6 +7,7 @@ use std::path::Path;
 use narx_export::checkpoint::open_checkpoint;
 use narx_export::model_dir::{export, ExportRequest, LarpRequest};
 use narx_graphs::larp::LarpConfig;
+use narx_graphs::manifest::CacheLayout;
 use narx_graphs::DType;
 use narx_runtime::video::to_clips;
 
@@ -29,6 +30,7 @@ fn export_with_decoder(dir: &Path) {
         config: model_config("nar-video-tiny"),
         grid: None,
         dtype: DType::F32,
+        layout: CacheLayout::Append,
         output: dir.to_path_buf(),
         force: false,
         vq: None,

@@ -12,6 +12,19 @@ use crate::GraphError;
 /// Per-layer K and V values.
 pub type KeyValue = (Value, Value);
 
+/// How each block's new keys and values join its cache.
+#[derive(Clone, Copy)]
+pub enum CacheUpdate<'a> {
+    /// No cache yet: the new entries are the cache (the prefill).
+    Fresh,
+    /// `present = Concat(past, new)` along the sequence, per layer.
+    Append(&'a [KeyValue]),
+    /// `present = past + placement · new`, per layer: `placement (capacity, width)` has one 1
+    /// per real entry, in the row of its cache slot, and zero columns for padding, so each
+    /// entry lands in its slot of a full-capacity cache exactly (its slot holds zeros before).
+    Place(&'a [KeyValue], Value),
+}
+
 /// What the block stack hands to the heads, plus each block's grown cache.
 pub struct StackOutputs {
     /// Each head's input (the hidden state after its `after_blocks`), in head order.
@@ -246,7 +259,7 @@ impl<'a> Model<'a> {
         x: Value,
         positions: Value,
         attention_bias: Value,
-        past: Option<&[KeyValue]>,
+        cache: CacheUpdate,
     ) -> Result<StackOutputs, GraphError> {
         let (mut h, rotary) = match self.spec.config.positions() {
             PositionEncoding::Rotary2d => {
@@ -277,9 +290,8 @@ impl<'a> Model<'a> {
             if i == self.spec.config.blocks() {
                 break;
             }
-            let past_kv = past.map(|p| p[i]);
             let (out, kv) = b.scoped(&format!("layers.{i}"), |b| {
-                self.block(b, i, h, rotary, attention_bias, past_kv)
+                self.block(b, i, h, rotary, attention_bias, cache)
             })?;
             h = out;
             present.push(kv);
@@ -348,12 +360,12 @@ impl<'a> Model<'a> {
         x: Value,
         rotary: Option<(Value, Value)>,
         attention_bias: Value,
-        past: Option<KeyValue>,
+        cache: CacheUpdate,
     ) -> Result<(Value, KeyValue), GraphError> {
         let p = |s: &str| format!("layers.{layer}.{s}");
         let normed = self.rms_norm(b, x, &p("attention_norm.weight"))?;
         let (attended, kv) = b.scoped("attn", |b| {
-            self.attention(b, layer, normed, rotary, attention_bias, past)
+            self.attention(b, layer, normed, rotary, attention_bias, cache)
         })?;
         let u = b.add(x, attended)?;
         let normed = self.rms_norm(b, u, &p("ffn_norm.weight"))?;
@@ -361,7 +373,7 @@ impl<'a> Model<'a> {
         Ok((b.add(u, ffn)?, kv))
     }
 
-    /// Fused-QKV attention with the cache appended (module docs), grouped-query capable;
+    /// Fused-QKV attention with the cache appended or placed (module docs), grouped-query capable;
     /// Q and K are rotated only in the image model.
     ///
     /// ```text
@@ -376,7 +388,7 @@ impl<'a> Model<'a> {
         x: Value,
         rotary: Option<(Value, Value)>,
         attention_bias: Value,
-        past: Option<KeyValue>,
+        cache: CacheUpdate,
     ) -> Result<(Value, KeyValue), GraphError> {
         let t = &self.shape;
         let (d, h, kv, hd) = (t.dim, t.n_head, t.kv_heads(), t.head_dim());
@@ -406,9 +418,18 @@ impl<'a> Model<'a> {
         let q = b.transpose(q, &[0, 2, 1, 3])?;
         let k = b.transpose(k, &[0, 2, 1, 3])?;
         let v = b.transpose(v, &[0, 2, 1, 3])?;
-        let (k, v) = match past {
-            Some((pk, pv)) => (b.concat(&[pk, k], 2)?, b.concat(&[pv, v], 2)?),
-            None => (k, v),
+        let (k, v) = match cache {
+            CacheUpdate::Fresh => (k, v),
+            CacheUpdate::Append(past) => {
+                let (pk, pv) = past[layer];
+                (b.concat(&[pk, k], 2)?, b.concat(&[pv, v], 2)?)
+            }
+            CacheUpdate::Place(past, placement) => {
+                let (pk, pv) = past[layer];
+                let placed_k = b.matmul(placement, k)?;
+                let placed_v = b.matmul(placement, v)?;
+                (b.add(pk, placed_k)?, b.add(pv, placed_v)?)
+            }
         };
         let (k_all, v_all) = if kv < h {
             (self.repeat_kv(b, k)?, self.repeat_kv(b, v)?)

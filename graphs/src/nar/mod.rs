@@ -30,16 +30,36 @@
 //!
 //! Prefill and step are separate graphs because they embed different inputs (a condition vs.
 //! image tokens) and the prefill has no past; both reference one external weight file, so
-//! every weight is stored once.
+//! every weight is stored once. (For class-conditional models the step graph also embeds
+//! classes, so a backend may run the prefill as a step over an empty cache.)
+//!
+//! # The static layout (`narx export --static`), for TensorRT
+//!
+//! Every dimension is fixed but the batch: the step takes the widest wavefront (padded) and
+//! the cache at full capacity.
+//!
+//! ```text
+//!   prefill(condition)      -> logits, present.* (capacity slots), present_key_bias (C)
+//!   step(tokens, positions, key_bias, cache_write, past.*)
+//!                           -> logits, present.* = past + cache_write · this call's K/V
+//! ```
+//!
+//! `cache_write (capacity, width)` is one-hot per real token (the row of its cache slot) and
+//! zero for padding, so new keys land in their slots exactly and padding writes nothing;
+//! `key_bias (batch, capacity)` hides the slots not filled yet (and padded captions). The
+//! runtime keeps both on the host: they are a few kilobytes per call.
 
 mod config;
 mod layers;
+
+use layers::CacheUpdate;
 mod video;
 
 pub use config::{ConditionKind, HeadSpec, ModelArgs, ModelConfig, PositionEncoding, Transformer};
 pub use video::VideoArgs;
 
 use crate::builder::{ConstData, DType, Dim, GraphBuilder, Value};
+pub use crate::manifest::CacheLayout;
 use crate::onnx::ModelProto;
 use crate::weights::WeightStore;
 use crate::GraphError;
@@ -57,6 +77,10 @@ pub mod names {
     pub const LOGITS_RIGHT: &str = "logits_right";
     pub const LOGITS_DOWN: &str = "logits_down";
     pub const LOGITS_BACK: &str = "logits_back";
+    /// Static layout: the bias of every cache slot, this call's included.
+    pub const KEY_BIAS: &str = "key_bias";
+    /// Static layout: where this call's keys and values go in the cache.
+    pub const CACHE_WRITE: &str = "cache_write";
     /// The weight holding the token embeddings followed by the class embeddings.
     pub const TOKEN_AND_CLASS_EMBEDDINGS: &str = "embeddings.tokens_then_classes";
 
@@ -184,6 +208,8 @@ pub struct NarSpec {
     pub grid: Vec<usize>,
     /// F32, or F16 (weights and matmuls; norms, softmax, rotary and logits stay float32).
     pub dtype: DType,
+    /// How the cache travels between calls (module docs).
+    pub layout: CacheLayout,
 }
 
 impl NarSpec {
@@ -215,7 +241,12 @@ impl NarSpec {
             config,
             grid,
             dtype,
+            layout: CacheLayout::Append,
         })
+    }
+
+    pub fn with_layout(self, layout: CacheLayout) -> Self {
+        NarSpec { layout, ..self }
     }
 
     /// Condition positions `C`.
@@ -323,7 +354,13 @@ fn build_prefill(
     let attention_bias = b.scoped("mask", |b| m.prefill_bias(b, key_visible))?;
     let positions: Vec<i64> = (0..c as i64).collect();
     let positions = b.const_i64(&positions)?;
-    let outputs = m.forward(&mut b, embeddings, positions, attention_bias, None)?;
+    let outputs = m.forward(
+        &mut b,
+        embeddings,
+        positions,
+        attention_bias,
+        CacheUpdate::Fresh,
+    )?;
     let logit_dims = batch_dims(&[Dim::Fixed(1), Dim::Fixed(m.vocab_size())]);
     // Only the last condition position predicts (the first cell); the rest only fill the cache.
     for (head, input) in spec.config.heads().iter().zip(outputs.head_inputs) {
@@ -336,13 +373,34 @@ fn build_prefill(
         key_bias,
         &batch_dims(&[Dim::Fixed(c)]),
     )?;
+    // The static layout starts the cache at full capacity: the C entries in slots 0..C.
+    let (placement, slots) = match spec.layout {
+        CacheLayout::Append => (None, c),
+        CacheLayout::Static => {
+            let capacity = spec.cache_capacity();
+            let one_hot = (0..capacity * c).map(|i| {
+                let (slot, entry) = (i / c, i % c);
+                if slot == entry {
+                    1.0
+                } else {
+                    0.0
+                }
+            });
+            let one_hot = match spec.dtype {
+                DType::F16 => ConstData::F16(one_hot.map(half::f16::from_f32).collect()),
+                _ => ConstData::F32(one_hot.collect()),
+            };
+            (Some(b.constant(one_hot, &[capacity, c])?), capacity)
+        }
+    };
     for (i, (k, v)) in outputs.present.into_iter().enumerate() {
-        b.output(&names::present_key(i), k, &cache_dims(spec, Dim::Fixed(c)))?;
-        b.output(
-            &names::present_value(i),
-            v,
-            &cache_dims(spec, Dim::Fixed(c)),
-        )?;
+        let (k, v) = match placement {
+            Some(p) => (b.matmul(p, k)?, b.matmul(p, v)?),
+            None => (k, v),
+        };
+        let dims = cache_dims(spec, Dim::Fixed(slots));
+        b.output(&names::present_key(i), k, &dims)?;
+        b.output(&names::present_value(i), v, &dims)?;
     }
     Ok(b.finish())
 }
@@ -355,19 +413,52 @@ fn build_step(
 ) -> Result<ModelProto, GraphError> {
     let mut b = GraphBuilder::new("nar_step", store);
     let m = layers::Model::new(spec, params);
-    let width = Dim::named(dims::WIDTH);
-    let past = Dim::named(dims::PAST);
+    // The append layout grows the cache by `width` each call; the static one pads the
+    // wavefront to the widest and keeps the cache at capacity.
+    let (width, past, total) = match spec.layout {
+        CacheLayout::Append => (
+            Dim::named(dims::WIDTH),
+            Dim::named(dims::PAST),
+            Dim::named(dims::TOTAL),
+        ),
+        CacheLayout::Static => {
+            let capacity = Dim::Fixed(spec.cache_capacity());
+            (
+                Dim::Fixed(spec.widest_wavefront()),
+                capacity.clone(),
+                capacity,
+            )
+        }
+    };
     let tokens = b.input(
         names::TOKENS,
         DType::I64,
         &batch_dims(std::slice::from_ref(&width)),
     );
     let positions = b.input(names::POSITIONS, DType::I64, std::slice::from_ref(&width));
-    let past_bias = b.input(
-        names::PAST_KEY_BIAS,
-        DType::F32,
-        &batch_dims(std::slice::from_ref(&past)),
-    );
+    let (bias, placement) = match spec.layout {
+        CacheLayout::Append => (
+            b.input(
+                names::PAST_KEY_BIAS,
+                DType::F32,
+                &batch_dims(std::slice::from_ref(&past)),
+            ),
+            None,
+        ),
+        CacheLayout::Static => {
+            let bias = b.input(
+                names::KEY_BIAS,
+                DType::F32,
+                &batch_dims(std::slice::from_ref(&past)),
+            );
+            let write = b.input(
+                names::CACHE_WRITE,
+                DType::F32,
+                &[past.clone(), width.clone()],
+            );
+            (bias, Some(b.cast(write, spec.dtype)?))
+        }
+    };
     let mut past_kv = Vec::new();
     for i in 0..spec.config.blocks() {
         let k = b.input(
@@ -384,29 +475,34 @@ fn build_step(
     }
     let embeddings = m.token_embedding(&mut b, tokens)?;
     let (key_bias, attention_bias) = b.scoped("mask", |b| {
-        let new = b.zeros_like(tokens, DType::F32)?;
-        let key_bias = b.concat(&[past_bias, new], 1)?;
+        let key_bias = match placement {
+            // This call's keys are visible to each other.
+            None => {
+                let new = b.zeros_like(tokens, DType::F32)?;
+                b.concat(&[bias, new], 1)?
+            }
+            Some(_) => bias,
+        };
         let attention_bias = b.unsqueeze(key_bias, &[1, 2])?;
         Ok((key_bias, attention_bias))
     })?;
-    let outputs = m.forward(
-        &mut b,
-        embeddings,
-        positions,
-        attention_bias,
-        Some(&past_kv),
-    )?;
+    let cache = match placement {
+        None => CacheUpdate::Append(&past_kv),
+        Some(placement) => CacheUpdate::Place(&past_kv, placement),
+    };
+    let outputs = m.forward(&mut b, embeddings, positions, attention_bias, cache)?;
     let logit_dims = batch_dims(&[width, Dim::Fixed(m.vocab_size())]);
     for (head, input) in spec.config.heads().iter().zip(outputs.head_inputs) {
         let logits = m.head(&mut b, head, input)?;
         b.output(head.output, logits, &logit_dims)?;
     }
-    let total = Dim::named(dims::TOTAL);
-    b.output(
-        names::PRESENT_KEY_BIAS,
-        key_bias,
-        &batch_dims(std::slice::from_ref(&total)),
-    )?;
+    if spec.layout == CacheLayout::Append {
+        b.output(
+            names::PRESENT_KEY_BIAS,
+            key_bias,
+            &batch_dims(std::slice::from_ref(&total)),
+        )?;
+    }
     for (i, (k, v)) in outputs.present.into_iter().enumerate() {
         b.output(&names::present_key(i), k, &cache_dims(spec, total.clone()))?;
         b.output(
@@ -463,6 +559,7 @@ mod tests {
             config: ModelConfig::Video(VideoArgs::default()),
             grid,
             dtype: DType::F32,
+            layout: CacheLayout::Append,
         };
         // NAR-SPEC §7: the largest plane of (4, 16, 16) has 60 tokens.
         assert_eq!(video(vec![4, 16, 16]).widest_wavefront(), 60);
