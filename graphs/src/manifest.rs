@@ -236,6 +236,18 @@ pub struct KvCache {
 }
 
 impl KvCache {
+    /// Every layer's `present` key and value output.
+    pub fn present_names(&self) -> Vec<String> {
+        (0..self.layers)
+            .flat_map(|layer| {
+                [
+                    Self::name(&self.present_key, layer),
+                    Self::name(&self.present_value, layer),
+                ]
+            })
+            .collect()
+    }
+
     pub fn name(pattern: &str, layer: usize) -> String {
         pattern.replace("{layer}", &layer.to_string())
     }

@@ -155,6 +155,7 @@ impl AnyGenerator {
         if ort.intra_threads.is_none() {
             ort.intra_threads = options.threads;
         }
+        ort.resident_outputs = manifest.kv_cache.present_names();
         ort.profiles = [(GraphKind::Prefill, "prefill"), (GraphKind::Step, "step")]
             .into_iter()
             .filter_map(|(kind, name)| {

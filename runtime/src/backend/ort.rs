@@ -16,10 +16,10 @@ use std::sync::Mutex;
 use narx_graphs::DType;
 use ort::environment::Environment;
 use ort::ep::{self, ArbitrarilyConfigurableExecutionProvider, ExecutionProvider as _};
-use ort::memory::Allocator;
+use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::builder::{GraphOptimizationLevel, PrepackedWeights, SessionBuilder};
 use ort::session::Session;
-use ort::value::{DynTensor, DynValue, Tensor, TensorElementType, ValueType};
+use ort::value::{DynTensor, DynTensorValueType, DynValue, Tensor, TensorElementType, ValueType};
 
 use super::providers::{CudaOptions, ExecutionProvider, ProfileShapes, TensorRtOptions};
 use super::{Engine, GraphKind, GraphPaths, HostTensor};
@@ -38,6 +38,9 @@ pub struct OrtOptions {
     pub provider: ExecutionProvider,
     /// TensorRT optimisation profiles per graph (from the manifest).
     pub profiles: Vec<(GraphKind, ProfileShapes)>,
+    /// Outputs that only feed the next call (the KV cache): bound to the provider's device
+    /// and left there, so under CUDA and TensorRT the cache never crosses to the host.
+    pub resident_outputs: Vec<String>,
 }
 
 impl Default for OrtOptions {
@@ -47,6 +50,7 @@ impl Default for OrtOptions {
             intra_threads: None,
             provider: ExecutionProvider::Cpu,
             profiles: Vec::new(),
+            resident_outputs: Vec::new(),
         }
     }
 }
@@ -375,6 +379,10 @@ pub struct OrtEngine {
     sessions: HashMap<GraphKind, Session>,
     library: PathBuf,
     provider: String,
+    /// Where resident outputs go (the provider's device) and where the rest go (the host).
+    device: MemoryInfo<'static>,
+    host: MemoryInfo<'static>,
+    resident_outputs: HashSet<String>,
 }
 
 impl OrtEngine {
@@ -409,10 +417,24 @@ impl OrtEngine {
                 Ok((kind, factory.session(kind, path, profile)?))
             })
             .collect::<Result<_, RuntimeError>>()?;
+        let memory = |device, id| {
+            MemoryInfo::new(device, id, AllocatorType::Device, MemoryType::Default)
+                .map_err(|e| RuntimeError::backend(BACKEND, format!("memory info: {e}")))
+        };
+        let device = match &options.provider {
+            ExecutionProvider::Cpu => memory(AllocationDevice::CPU, 0)?,
+            ExecutionProvider::Cuda(CudaOptions { device_id })
+            | ExecutionProvider::TensorRt(TensorRtOptions { device_id, .. }) => {
+                memory(AllocationDevice::CUDA, *device_id as i32)?
+            }
+        };
         Ok(OrtEngine {
             sessions,
             library,
             provider: options.provider.to_string(),
+            device,
+            host: memory(AllocationDevice::CPU, 0)?,
+            resident_outputs: options.resident_outputs.iter().cloned().collect(),
         })
     }
 
@@ -592,9 +614,20 @@ impl Engine for OrtEngine {
                 ))
             }
         }
-        let (shape, data) = value
-            .try_extract_tensor::<f32>()
-            .map_err(|e| RuntimeError::backend(BACKEND, format!("download: {e}")))?;
+        let fail = |e: ort::Error| RuntimeError::backend(BACKEND, format!("download: {e}"));
+        // A resident output (the cache) on a GPU is copied over first.
+        let on_host: DynValue;
+        let value = match value.view().downcast::<DynTensorValueType>() {
+            Ok(tensor) if !tensor.memory_info().is_cpu_accessible() => {
+                on_host = tensor
+                    .to(AllocationDevice::CPU, 0)
+                    .map_err(fail)?
+                    .into_dyn();
+                &on_host
+            }
+            _ => value,
+        };
+        let (shape, data) = value.try_extract_tensor::<f32>().map_err(fail)?;
         let shape = shape
             .iter()
             .map(|&d| usize::try_from(d))
@@ -619,9 +652,35 @@ impl Engine for OrtEngine {
             .get_mut(&graph)
             .ok_or_else(|| super::not_loaded(BACKEND, graph))?;
         check_inputs(session, graph, &inputs)?;
-        let outputs = session.run(inputs).map_err(|e| {
-            RuntimeError::backend(BACKEND, format!("running the {graph} graph: {e}"))
-        })?;
+        let fail = |what: &str, e: ort::Error| {
+            RuntimeError::backend(BACKEND, format!("{what} the {graph} graph: {e}"))
+        };
+        // Inputs are taken where they are (a cache value on the device stays there); the
+        // resident outputs are allocated on the device, the others on the host.
+        let mut binding = session.create_binding().map_err(|e| fail("binding", e))?;
+        for (name, value) in &inputs {
+            binding
+                .bind_input(name.as_str(), value)
+                .map_err(|e| fail("binding an input of", e))?;
+        }
+        let names: Vec<String> = session
+            .outputs()
+            .iter()
+            .map(|o| o.name().to_string())
+            .collect();
+        for name in names {
+            let memory = if self.resident_outputs.contains(&name) {
+                &self.device
+            } else {
+                &self.host
+            };
+            binding
+                .bind_output_to_device(name, memory)
+                .map_err(|e| fail("binding an output of", e))?;
+        }
+        let outputs = session
+            .run_binding(&binding)
+            .map_err(|e| fail("running", e))?;
         // The values own their ONNX Runtime memory; the names are copied out of the session.
         Ok(outputs
             .into_iter()
