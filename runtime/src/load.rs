@@ -69,6 +69,7 @@ impl GpuOptions {
             engine_cache: cache(&settings.engine_cache),
             timing_cache: cache(&settings.timing_cache),
             int8: self.int8.clone(),
+            ep_context: cache(&settings.engine_cache),
         }
     }
 }

@@ -39,6 +39,17 @@ fn exports_carry_tensorrt_profiles_covering_every_dynamic_input() {
     // The manifest's TensorRT settings, resolved against the directory and overridden.
     let trt = GpuOptions::default().tensorrt(&manifest.tensorrt, &dir);
     assert_eq!(trt.engine_cache, Some(dir.join("trt-cache")));
+    // EP-context models go with the engines; a graph's is used once a run has written it.
+    assert_eq!(trt.ep_context, Some(dir.join("trt-cache")));
+    let step = dir.join(&manifest.graphs.step.file);
+    assert_eq!(trt.ep_context_model(&step), None);
+    std::fs::create_dir_all(dir.join("trt-cache")).unwrap();
+    std::fs::write(dir.join("trt-cache/step_ctx.onnx"), b"").unwrap();
+    assert_eq!(
+        trt.ep_context_model(&step),
+        Some(dir.join("trt-cache/step_ctx.onnx"))
+    );
+    std::fs::remove_dir_all(dir.join("trt-cache")).unwrap();
     assert_eq!(trt.builder_optimization_level, 3);
     assert!(!trt.fp16);
     let flags = GpuOptions {
@@ -53,7 +64,10 @@ fn exports_carry_tensorrt_profiles_covering_every_dynamic_input() {
         (trt.device_id, trt.fp16, trt.builder_optimization_level),
         (2, true, 5)
     );
-    assert_eq!((trt.engine_cache, trt.timing_cache), (None, None));
+    assert_eq!(
+        (trt.engine_cache, trt.timing_cache, trt.ep_context),
+        (None, None, None)
+    );
     let reloaded = Manifest::load(&dir).unwrap();
     assert_eq!(reloaded.tensorrt, manifest.tensorrt);
 }

@@ -562,7 +562,22 @@ impl SessionFactory<'_> {
                 .map_err(|e| fail("setting intra-op threads", &e))?,
             None => builder,
         };
-        let mut builder = with_provider(builder, &options.provider, profile).map_err(|e| {
+        // Under TensorRT, an EP-context model from an earlier run loads the built engine
+        // (and is not written again).
+        let (path, provider) = match &options.provider {
+            ExecutionProvider::TensorRt(trt) => match trt.ep_context_model(path) {
+                Some(context) => (
+                    context,
+                    ExecutionProvider::TensorRt(TensorRtOptions {
+                        ep_context: None,
+                        ..trt.clone()
+                    }),
+                ),
+                None => (path.to_path_buf(), options.provider.clone()),
+            },
+            _ => (path.to_path_buf(), options.provider.clone()),
+        };
+        let mut builder = with_provider(builder, &provider, profile).map_err(|e| {
             RuntimeError::Provider(format!(
                 "the {} provider of the ONNX Runtime at {} could not start: {e}. It needs {}; \
                  check that the GPU is visible and those libraries are on LD_LIBRARY_PATH",
@@ -572,7 +587,7 @@ impl SessionFactory<'_> {
             ))
         })?;
         builder
-            .commit_from_file(path)
+            .commit_from_file(&path)
             .map_err(|e| fail("loading", &e))
     }
 }

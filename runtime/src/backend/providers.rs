@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use narx_graphs::manifest::ShapeProfile;
 
@@ -89,6 +89,10 @@ pub struct TensorRtOptions {
     pub timing_cache: Option<PathBuf>,
     /// INT8 kernels; `None` keeps TensorRT in float.
     pub int8: Option<TensorRtInt8>,
+    /// Folder where each built engine's EP-context model (`<graph>_ctx.onnx`, pointing at
+    /// the engine file) is written, and looked for on later runs: a board given the folder
+    /// loads engines without the ONNX parser or a rebuild. Goes with the engine cache.
+    pub ep_context: Option<PathBuf>,
 }
 
 /// Where TensorRT's INT8 ranges come from.
@@ -112,6 +116,7 @@ impl Default for TensorRtOptions {
             engine_cache: None,
             timing_cache: None,
             int8: None,
+            ep_context: None,
         }
     }
 }
@@ -130,6 +135,14 @@ impl TensorRtOptions {
             ));
         }
         Ok(())
+    }
+
+    /// The EP-context model an earlier run wrote for `graph` (`step.onnx` →
+    /// `<ep_context>/step_ctx.onnx`), if there is one.
+    pub fn ep_context_model(&self, graph: &Path) -> Option<PathBuf> {
+        let stem = graph.file_stem()?.to_string_lossy();
+        let model = self.ep_context.as_ref()?.join(format!("{stem}_ctx.onnx"));
+        model.is_file().then_some(model)
     }
 
     /// `OrtTensorRTProviderOptionsV2` keys and values for one session, with the shape
@@ -156,6 +169,12 @@ impl TensorRtOptions {
         }
         if let Some(dir) = &self.timing_cache {
             options.push(("trt_timing_cache_path", dir.display().to_string()));
+        }
+        if let Some(dir) = &self.ep_context {
+            options.push(("trt_dump_ep_context_model", flag(true)));
+            options.push(("trt_ep_context_file_path", dir.display().to_string()));
+            // The context model names the engine file instead of embedding it.
+            options.push(("trt_ep_context_embed_mode", "0".to_string()));
         }
         if let Some(int8) = &self.int8 {
             options.push(("trt_int8_enable", flag(true)));
@@ -255,6 +274,7 @@ mod tests {
             int8: Some(TensorRtInt8::Table(PathBuf::from(
                 "/models/b/calibration.flatbuffers",
             ))),
+            ep_context: Some(PathBuf::from("/models/b/trt-cache")),
         };
         let shapes = ProfileShapes {
             min: "tokens:1x1".into(),
@@ -275,6 +295,9 @@ mod tests {
             ("trt_engine_cache_path", "/models/b/trt-cache"),
             ("trt_timing_cache_enable", "1"),
             ("trt_timing_cache_path", "/models/b/trt-cache"),
+            ("trt_dump_ep_context_model", "1"),
+            ("trt_ep_context_file_path", "/models/b/trt-cache"),
+            ("trt_ep_context_embed_mode", "0"),
             ("trt_int8_enable", "1"),
             (
                 "trt_int8_calibration_table_name",
@@ -301,6 +324,7 @@ mod tests {
         assert!(!plain.contains_key("trt_profile_min_shapes"));
         assert!(!plain.contains_key("trt_max_workspace_size"));
         assert!(!plain.contains_key("trt_int8_enable"));
+        assert!(!plain.contains_key("trt_dump_ep_context_model"));
 
         // A QDQ model carries its ranges: INT8 on, no table.
         let qdq: BTreeMap<&str, String> = TensorRtOptions {
