@@ -4,6 +4,8 @@
 //! - `top1_agreement`: the float32 model generates greedily; the candidate is fed the same
 //!   tokens (teacher forcing) and, at every call and produced cell, its guided logits' arg-max
 //!   is compared with float32's.
+//! - `top1_agreement_unguided`: the same on the conditional logits before guidance, which
+//!   shows how much guidance amplifies the difference (`u + s(c − u)` scales it by about s).
 //! - `mean_kl`: over the same cells, `KL(softmax(float32) ‖ softmax(candidate))` of the guided
 //!   logits.
 //! - `token_agreement`: both generate greedily on their own; the fraction of grid cells where
@@ -24,6 +26,7 @@ use crate::CalibrationError;
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Quality {
     pub top1_agreement: f64,
+    pub top1_agreement_unguided: f64,
     pub mean_kl: f64,
     pub token_agreement: f64,
     /// Cells compared for the first two.
@@ -34,6 +37,7 @@ impl Quality {
     pub fn to_json(self) -> serde_json::Value {
         json!({
             "top1_agreement": self.top1_agreement,
+            "top1_agreement_unguided": self.top1_agreement_unguided,
             "mean_kl": self.mean_kl,
             "token_agreement": self.token_agreement,
             "cells": self.cells,
@@ -66,25 +70,32 @@ pub fn compare(
         ..options.clone()
     };
     let vocab = float.manifest().vocab_size;
-    let (mut agree, mut cells, mut kl_sum) = (0usize, 0usize, 0f64);
+    let (mut agree, mut agree_unguided, mut cells, mut kl_sum) = (0usize, 0usize, 0usize, 0f64);
     let (mut same_tokens, mut tokens) = (0usize, 0usize);
     for batch in prompts {
-        let mut guided_reference = Vec::new();
+        // Per call: the guided logits, and the conditional half before guidance (the first
+        // rows of the assembled logits, as many values as the guided ones).
+        let mut reference_calls = Vec::new();
         let reference_run = float
             .generate(batch, &greedy, &mut |r| {
-                guided_reference.push(r.guided.to_vec())
+                let cond = &r.logits[..r.guided.len()];
+                reference_calls.push((r.guided.to_vec(), cond.to_vec()))
             })
             .map_err(run_error)?;
         let mut call = 0;
         other
             .generate_forced(batch, &greedy, &reference_run.tokens, &mut |r| {
-                for (want, got) in guided_reference[call]
-                    .chunks_exact(vocab)
-                    .zip(r.guided.chunks_exact(vocab))
-                {
+                let (guided, cond) = &reference_calls[call];
+                for (want, got) in guided.chunks_exact(vocab).zip(r.guided.chunks_exact(vocab)) {
                     agree += usize::from(argmax(want) == argmax(got));
                     kl_sum += kl(want, got);
                     cells += 1;
+                }
+                for (want, got) in cond
+                    .chunks_exact(vocab)
+                    .zip(r.logits[..cond.len()].chunks_exact(vocab))
+                {
+                    agree_unguided += usize::from(argmax(want) == argmax(got));
                 }
                 call += 1;
             })
@@ -100,6 +111,7 @@ pub fn compare(
     let ratio = |n: usize, d: usize| if d == 0 { 0.0 } else { n as f64 / d as f64 };
     Ok(Quality {
         top1_agreement: ratio(agree, cells),
+        top1_agreement_unguided: ratio(agree_unguided, cells),
         mean_kl: if cells == 0 {
             0.0
         } else {

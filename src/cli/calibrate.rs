@@ -159,11 +159,14 @@ pub fn run(args: CalibrateArgs) -> anyhow::Result<()> {
         calibration.generations,
         args.output.display()
     );
-    println!("  against float32 on held-out prompts   top-1 agreement   mean KL   tokens agree");
+    println!(
+        "  against float32 on held-out prompts   top-1 agreement (unguided)   mean KL   tokens agree"
+    );
     let row = |name: &str, q: &Quality| {
         println!(
-            "  {name:38} {:>14.1}%  {:>8.4}  {:>12.1}%",
+            "  {name:38} {:>14.1}% {:>11.1}%  {:>8.4}  {:>12.1}%",
             100.0 * q.top1_agreement,
+            100.0 * q.top1_agreement_unguided,
             q.mean_kl,
             100.0 * q.token_agreement
         )
