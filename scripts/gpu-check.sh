@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU checks that a machine without a GPU cannot run: the fixtures' parity on ONNX Runtime's
-# CUDA (and TensorRT, when the ONNX Runtime there has it) provider, and `narx bench` of the
-# NAR-B architecture at batch 1 and at a large batch.
+# CUDA (and TensorRT, when the ONNX Runtime there has it) provider, in both cache layouts
+# (`--static` is the one TensorRT builds one engine for), and `narx bench` of the NAR-B
+# architecture at batch 1 and at a large batch.
 #
 #   scripts/gpu-check.sh [FIXTURES_DIR] [OUT_DIR]
 #
@@ -79,39 +80,48 @@ PY
 }
 
 parity() {
-  local provider="$1" name="$2"
-  local dir="$WORK/$name"
+  local provider="$1" name="$2" layout="$3"
+  local dir="$WORK/$name-$layout" flags=""
+  [ "$layout" = static ] && flags="--static"
   python3 -c "import json,sys; json.dump(json.load(open('$FIXTURES/$name/reference.json'))['config'], open('$WORK/$name.json','w'))"
   if [ ! -d "$dir" ]; then
-    "$NARX" export --checkpoint "$FIXTURES/$name/model.safetensors" --config "$WORK/$name.json" -o "$dir" >/dev/null || return 1
+    # shellcheck disable=SC2086
+    "$NARX" export --checkpoint "$FIXTURES/$name/model.safetensors" --config "$WORK/$name.json" $flags -o "$dir" >/dev/null || return 1
   fi
   local labels
   labels="$(python3 -c "import json; r=json.load(open('$FIXTURES/$name/reference.json')); print(' '.join(['--class %d' % l for l in r.get('labels', [])] + ['--cfg-scale %s --cfg-interval %s' % (r['cfg_scale'], r['cfg_interval'])]))")"
   # shellcheck disable=SC2086
-  "$NARX" run "$dir" $labels --greedy --provider "$provider" --tokens-out "$WORK/$name-$provider.json" \
-    > "$OUT_DIR/run-$name-$provider.log" 2>&1 || { say "$name on $provider: run failed (see run-$name-$provider.log)"; tail -3 "$OUT_DIR/run-$name-$provider.log" | tee -a "$SUMMARY"; return 1; }
-  printf '%s on %s: ' "$name" "$provider" | tee -a "$SUMMARY"
-  compare_tokens "$WORK/$name-$provider.json" "$FIXTURES/$name/reference.safetensors" | tee -a "$SUMMARY"
+  local run="$name-$layout-$provider"
+  "$NARX" run "$dir" $labels --greedy --provider "$provider" --tokens-out "$WORK/$run.json" \
+    > "$OUT_DIR/run-$run.log" 2>&1 || { say "$name ($layout) on $provider: run failed (see run-$run.log)"; tail -3 "$OUT_DIR/run-$run.log" | tee -a "$SUMMARY"; return 1; }
+  printf '%s (%s) on %s: ' "$name" "$layout" "$provider" | tee -a "$SUMMARY"
+  compare_tokens "$WORK/$run.json" "$FIXTURES/$name/reference.safetensors" | tee -a "$SUMMARY"
 }
 
 for provider in $PROVIDERS; do
   say "== parity on $provider"
   for name in nar-c2i-tiny nar-video-tiny; do
-    parity "$provider" "$name"
+    for layout in append static; do
+      parity "$provider" "$name" "$layout"
+    done
   done
 done
 
 say "== bench: NAR-B (random weights), 16x16, guidance 4, top-k 2000"
 "$NARX" export --random-weights --preset nar-b --grid 16 -o "$WORK/nar-b" >/dev/null
+"$NARX" export --random-weights --preset nar-b --grid 16 --static -o "$WORK/nar-b-static" >/dev/null
 for provider in $PROVIDERS; do
-  for batch in $BATCHES; do
-    if "$NARX" bench "$WORK/nar-b" --provider "$provider" --batch "$batch" --repeat 3 --json \
-        > "$OUT_DIR/bench-$provider-b$batch.log" 2>&1; then
-      tail -1 "$OUT_DIR/bench-$provider-b$batch.log" > "$OUT_DIR/bench-$provider-b$batch.json"
-      say "$provider batch $batch: $(grep -m1 's/image' "$OUT_DIR/bench-$provider-b$batch.log")"
-    else
-      say "$provider batch $batch: bench failed (see bench-$provider-b$batch.log)"
-    fi
+  for model in nar-b nar-b-static; do
+    for batch in $BATCHES; do
+      log="$OUT_DIR/bench-$model-$provider-b$batch"
+      if "$NARX" bench "$WORK/$model" --provider "$provider" --batch "$batch" --repeat 3 --json \
+          > "$log.log" 2>&1; then
+        tail -1 "$log.log" > "$log.json"
+        say "$model on $provider, batch $batch: $(grep -m1 's/image' "$log.log")"
+      else
+        say "$model on $provider, batch $batch: bench failed (see $(basename "$log").log)"
+      fi
+    done
   done
 done
 say "== done"
