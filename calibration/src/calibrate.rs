@@ -121,6 +121,7 @@ fn observe(
     let mut run_manifest = manifest.clone();
     run_manifest.vq_decoder = None;
     run_manifest.larp_decoder = None;
+    run_manifest.graphs.select = None;
     run_manifest.calibration = None;
     let mut tensors = Vec::new();
     for graph in [
@@ -144,8 +145,13 @@ fn observe(
     run_manifest.save(&work).map_err(graph_error)?;
 
     let mut observations = Observations::expecting(tensors);
+    // The calibration build has no selection graph.
+    let host_selection = LoadOptions {
+        select_on_device: Some(false),
+        ..request.load.clone()
+    };
     let (mut generator, _) =
-        AnyGenerator::open(&work, request.provider, &request.load, Purpose::Generate)
+        AnyGenerator::open(&work, request.provider, &host_selection, Purpose::Generate)
             .map_err(runtime_error)?;
     let mut failure = None;
     for (seed, prompts) in request.prompts.iter().enumerate() {
@@ -247,11 +253,13 @@ fn write_qdq_model(
         .as_mut()
         .map(|d| &mut d.graph)
         .or(qdq.larp_decoder.as_mut().map(|d| &mut d.graph));
+    // The selection graph and the decoders stay float (they are copied over).
     let graphs = [
         (&mut qdq.graphs.prefill, true),
         (&mut qdq.graphs.step, true),
     ]
     .into_iter()
+    .chain(qdq.graphs.select.as_mut().map(|g| (g, false)))
     .chain(decoder.map(|g| (g, false)));
     for (graph, quantise) in graphs {
         let path = model.join(&graph.file);

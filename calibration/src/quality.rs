@@ -56,8 +56,13 @@ pub fn compare(
     load: &LoadOptions,
 ) -> Result<Quality, CalibrationError> {
     let run_error = |e: narx_runtime::RuntimeError| CalibrationError::Run(e.to_string());
+    // The comparison reads every call's full logits, so they are selected on the host.
+    let load = LoadOptions {
+        select_on_device: Some(false),
+        ..load.clone()
+    };
     let open = |dir: &Path| {
-        AnyGenerator::open(dir, provider, load, Purpose::Generate)
+        AnyGenerator::open(dir, provider, &load, Purpose::Generate)
             .map(|(g, _)| g)
             .map_err(run_error)
     };

@@ -10,6 +10,7 @@ use narx_graphs::manifest::{
     CacheLayout, DecoderFile, GraphFile, LarpDecoderFile, Manifest, WEIGHTS_FILE,
 };
 use narx_graphs::nar::{self, ModelConfig, NarSpec, ParamSource};
+use narx_graphs::select;
 use narx_graphs::vq::{self, VqConfig};
 use narx_graphs::weights::WeightStore;
 use narx_graphs::{encode_model, DType, GraphError};
@@ -20,6 +21,7 @@ use crate::ExportError;
 /// File names inside a model directory.
 pub const PREFILL_FILE: &str = "prefill.onnx";
 pub const STEP_FILE: &str = "step.onnx";
+pub const SELECT_FILE: &str = "select.onnx";
 pub const DECODER_FILE: &str = "vq_decoder.onnx";
 pub const LARP_DECODER_FILE: &str = "larp_decoder.onnx";
 
@@ -180,10 +182,14 @@ fn write_model(
     let larp_decoder = larp
         .map(|larp| larp::build_decoder(&larp.config, &Params(larp.source), &mut store))
         .transpose()?;
+    let head_outputs: Vec<&str> = spec.config.heads().iter().map(|h| h.output).collect();
+    let shape = spec.config.transformer();
+    let selection = select::build(&head_outputs, shape.vocab_size, &mut store)?;
     let weight_bytes = store.finish()?;
     let prefill = write_graph(dir, PREFILL_FILE, &graphs.prefill)?;
     let step = write_graph(dir, STEP_FILE, &graphs.step)?;
     let mut manifest = Manifest::for_export(spec, prefill, step, weight_bytes)?;
+    manifest.graphs.select = Some(write_graph(dir, SELECT_FILE, &selection)?);
     if let (Some(vq), Some(decoder)) = (vq, decoder) {
         manifest.vq_decoder = Some(DecoderFile {
             graph: write_graph(dir, DECODER_FILE, &decoder)?,

@@ -10,6 +10,7 @@ pub mod manifest;
 pub mod nar;
 mod ops;
 pub mod qdq;
+pub mod select;
 pub mod vq;
 pub mod weights;
 

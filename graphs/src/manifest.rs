@@ -166,6 +166,10 @@ pub struct Head {
 pub struct Graphs {
     pub prefill: GraphFile,
     pub step: GraphFile,
+    /// The selection graph (`select` module): assembly, guidance and top-k of a call's
+    /// logits, run on the GPU. Absent in directories exported before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub select: Option<GraphFile>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -468,7 +472,11 @@ impl Manifest {
                     axis: head.axis,
                 })
                 .collect(),
-            graphs: Graphs { prefill, step },
+            graphs: Graphs {
+                prefill,
+                step,
+                select: None,
+            },
             weights: WeightsFile {
                 file: WEIGHTS_FILE.into(),
                 bytes: weight_bytes,
@@ -614,6 +622,7 @@ impl Manifest {
             self.graphs.step.file.as_str(),
             self.weights.file.as_str(),
         ];
+        files.extend(self.graphs.select.as_ref().map(|g| g.file.as_str()));
         files.extend(self.decoder_graph().map(|g| g.file.as_str()));
         if let Some(c) = &self.calibration {
             files.extend([

@@ -183,6 +183,16 @@ impl GraphBuilder<'_> {
 
     /// Rows of `table` picked by `indices` along axis 0.
     pub fn gather(&mut self, table: Value, indices: Value) -> Result<Value, GraphError> {
+        self.gather_axis(table, indices, 0)
+    }
+
+    /// `x` indexed by int64 `indices` along `axis`.
+    pub fn gather_axis(
+        &mut self,
+        x: Value,
+        indices: Value,
+        axis: i64,
+    ) -> Result<Value, GraphError> {
         if indices.dtype() != DType::I64 {
             return Err(GraphError::Invalid(format!(
                 "Gather: indices {} are not int64",
@@ -191,9 +201,9 @@ impl GraphBuilder<'_> {
         }
         self.node1(
             "Gather",
-            &[table, indices],
-            &[("axis", Attr::Int(0))],
-            table.dtype(),
+            &[x, indices],
+            &[("axis", Attr::Int(axis))],
+            x.dtype(),
         )
     }
 

@@ -61,9 +61,11 @@ pub struct CallReport<'a> {
     pub calls: usize,
     /// Model batch rows (both guidance halves).
     pub rows: usize,
-    /// Assembled logits `(rows, produced, vocab)`, before guidance.
+    /// Assembled logits `(rows, produced, vocab)`, before guidance; empty when the
+    /// selection graph ran (they stayed on the device).
     pub logits: &'a [f32],
-    /// Guided logits `(prompts, produced, vocab)`.
+    /// Guided logits `(prompts, produced, vocab)`; after the selection graph, −∞ outside
+    /// each cell's top-k candidates.
     pub guided: &'a [f32],
     /// Chosen tokens `(prompts, produced)`, in wavefront order.
     pub tokens: &'a [u32],
@@ -282,7 +284,32 @@ impl<E: Engine> Generator<E> {
                 Some(slots) if kind == GraphKind::Step => slots.width,
                 _ => call.input_len(),
             };
-            let heads = self.head_logits(&mut outputs, rows, call.input_len(), returned)?;
+            // With a selection graph, the head logits stay where they are and only each
+            // cell's top-k guided logits come back.
+            let selected = if self.engine.has(GraphKind::Select) {
+                let guidance = Guidance {
+                    rows,
+                    prompts: batch,
+                    guided: schedule.is_guided(call.tokens_before()),
+                    scale: schedule.scale(),
+                    top_k: options.sampling.top_k,
+                };
+                let model = (&self.manifest, self.heads.as_slice());
+                Some(select(
+                    &mut self.engine,
+                    model,
+                    &mut outputs,
+                    call,
+                    returned,
+                    guidance,
+                )?)
+            } else {
+                None
+            };
+            let heads = match selected {
+                Some(_) => Vec::new(),
+                None => self.head_logits(&mut outputs, rows, call.input_len(), returned)?,
+            };
             if let Some(observe) = observe.as_mut() {
                 for (name, value) in &outputs {
                     if !self.manifest.heads.iter().any(|h| h.output == *name) {
@@ -303,12 +330,24 @@ impl<E: Engine> Generator<E> {
             cache = self.carry_cache(&mut outputs, slots.is_none())?;
             let model_seconds = started.elapsed().as_secs_f64();
             let started = Instant::now();
-            let head_refs: Vec<&[f32]> = heads.iter().map(Vec::as_slice).collect();
             let produced = call.output_len();
-            logits.resize(rows * produced * vocab, 0.0);
-            call.assemble(&head_refs, rows, vocab, &mut logits)?;
-            guided.resize(batch * produced * vocab, 0.0);
-            schedule.apply(call.tokens_before(), &logits, &mut guided)?;
+            match selected {
+                None => {
+                    let head_refs: Vec<&[f32]> = heads.iter().map(Vec::as_slice).collect();
+                    logits.resize(rows * produced * vocab, 0.0);
+                    call.assemble(&head_refs, rows, vocab, &mut logits)?;
+                    guided.resize(batch * produced * vocab, 0.0);
+                    schedule.apply(call.tokens_before(), &logits, &mut guided)?;
+                }
+                // The guided logits are known at each cell's candidates; the rest are −∞,
+                // which is what top-k makes of them on the host too.
+                Some(candidates) => {
+                    logits.clear();
+                    guided.clear();
+                    guided.resize(batch * produced * vocab, f32::NEG_INFINITY);
+                    candidates.scatter(vocab, &mut guided)?;
+                }
+            }
             tokens.resize(batch * produced, 0);
             // Sampling overwrites its input; the report shows the guided logits as they were.
             scratch.clear();
@@ -456,9 +495,8 @@ impl<E: Engine> Generator<E> {
     }
 
     /// The logits `(rows, width, vocab)` of each head the plan reads, on the host, in plan
-    /// head order.
-    /// Each head's logits `(rows, width, vocab)`, from outputs `returned` wide (the static
-    /// layout pads the wavefront; the padding rows are dropped).
+    /// head order, from outputs `returned` wide (the static layout pads the wavefront; the
+    /// padding rows are dropped).
     fn head_logits(
         &self,
         outputs: &mut HashMap<String, E::Value>,
@@ -563,6 +601,134 @@ impl<E: Engine> Generator<E> {
                 Ok((past, value))
             })
             .collect()
+    }
+}
+
+/// Runs the selection graph on a call's head logits (taken from `outputs`, which are
+/// `width` wide): each produced cell's `top_k` largest guided logits (all of them for 0).
+/// `model` is the manifest and the manifest index of each head the plan reads.
+fn select<E: Engine>(
+    engine: &mut E,
+    model: (&Manifest, &[usize]),
+    outputs: &mut HashMap<String, E::Value>,
+    call: &Call,
+    width: usize,
+    guidance: Guidance,
+) -> Result<Candidates, RuntimeError> {
+    let (manifest, plan_heads) = model;
+    let (rows, prompts) = (guidance.rows as i64, guidance.prompts as i64);
+    let vocab = manifest.vocab_size;
+    let slots = manifest.heads.len();
+    let produced = call.produced();
+    let cells = produced.len();
+    let (mut index, mut mask) = (vec![0i64; slots * cells], vec![0f32; slots * cells]);
+    let mut count = vec![0f32; cells];
+    for (cell, target) in produced.iter().enumerate() {
+        for (slot, c) in target.contributions().iter().enumerate() {
+            let head = plan_heads[c.head];
+            index[slot * cells + cell] = (head * width + c.input) as i64;
+            mask[slot * cells + cell] = 1.0;
+        }
+        count[cell] = target.contributions().len() as f32;
+    }
+    let k = if guidance.top_k == 0 {
+        vocab
+    } else {
+        guidance.top_k.min(vocab)
+    };
+    let mut inputs = Vec::new();
+    for head in &manifest.heads {
+        let logits = outputs.remove(&head.output).ok_or_else(|| {
+            RuntimeError::backend(&engine.name(), format!("no output {}", head.output))
+        })?;
+        inputs.push((head.output.clone(), logits));
+    }
+    use narx_graphs::select::names as select;
+    let host = [
+        (select::INDEX, HostTensor::I64(vec![slots, cells], index)),
+        (select::MASK, HostTensor::F32(vec![slots, cells], mask)),
+        (select::COUNT, HostTensor::F32(vec![cells], count)),
+        (
+            select::COND_ROWS,
+            HostTensor::I64(vec![guidance.prompts], (0..prompts).collect()),
+        ),
+        (
+            select::UNCOND_ROWS,
+            HostTensor::I64(vec![guidance.prompts], (rows - prompts..rows).collect()),
+        ),
+        (
+            select::GUIDED,
+            HostTensor::Bool(vec![1], vec![guidance.guided]),
+        ),
+        (
+            select::CFG_SCALE,
+            HostTensor::F32(vec![1], vec![guidance.scale]),
+        ),
+        (select::TOP_K, HostTensor::I64(vec![1], vec![k as i64])),
+    ];
+    for (name, tensor) in host {
+        inputs.push((name.to_string(), engine.upload(tensor)?));
+    }
+    let mut selected = engine.run(GraphKind::Select, inputs)?;
+    let expected = [guidance.prompts, cells, k];
+    let mut take = |name: &str| -> Result<Vec<f32>, RuntimeError> {
+        let value = selected
+            .remove(name)
+            .ok_or_else(|| RuntimeError::backend(&engine.name(), format!("no output {name}")))?;
+        let (shape, data) = engine.download_f32(&value)?;
+        if shape != expected {
+            return Err(RuntimeError::backend(
+                &engine.name(),
+                format!("{name} has shape {shape:?}, expected {expected:?}"),
+            ));
+        }
+        Ok(data)
+    };
+    Ok(Candidates {
+        values: take(select::TOP_VALUES)?,
+        ids: take(select::TOP_INDICES)?,
+        k,
+    })
+}
+
+/// What the selection graph needs to guide a call.
+#[derive(Clone, Copy)]
+struct Guidance {
+    /// Model batch rows: `[cond; uncond]`, or the cond rows only.
+    rows: usize,
+    prompts: usize,
+    guided: bool,
+    scale: f32,
+    top_k: usize,
+}
+
+/// Each produced cell's `k` largest guided logits and their token ids (as float), per
+/// `(prompt, cell)` row.
+struct Candidates {
+    values: Vec<f32>,
+    ids: Vec<f32>,
+    k: usize,
+}
+
+impl Candidates {
+    /// Writes the candidates into `guided` (`(rows, vocab)`, filled with −∞).
+    fn scatter(&self, vocab: usize, guided: &mut [f32]) -> Result<(), RuntimeError> {
+        let rows = self.values.chunks(self.k).zip(self.ids.chunks(self.k));
+        for ((values, ids), out) in rows.zip(guided.chunks_exact_mut(vocab)) {
+            for (&value, &id) in values.iter().zip(ids) {
+                let slot = out
+                    .get_mut(id as usize)
+                    .filter(|_| id >= 0.0)
+                    .ok_or_else(|| {
+                        RuntimeError::backend(
+                            "select",
+                            format!("token id {id} outside the vocabulary"),
+                        )
+                    })?;
+                *slot = value;
+            }
+        }
+        Ok(())
     }
 }
 

@@ -91,17 +91,30 @@ pub struct LoadOptions {
     /// Generation order; `None` is the model's own (NAR's, or raster for LlamaGen).
     pub order: Option<Order>,
     pub gpu: GpuOptions,
+    /// Run assembly, guidance and top-k in the selection graph, where the logits are, so
+    /// that a call returns kilobytes; `None`: on CUDA and TensorRT only (on the CPU the host
+    /// does the same work without the extra session).
+    pub select_on_device: Option<bool>,
 }
 
-/// The graph files to load for `purpose`. With `step_runs_prefill`, a class-conditional
-/// model whose step graph embeds classes runs its prefill as a step over an empty cache
-/// ([`Generator`] does this when the engine has no prefill graph): one session then holds
-/// the weights instead of two, which halves the resident memory on ONNX Runtime.
+/// Which of a directory's graphs a backend loads for generation.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GraphChoice {
+    /// A class-conditional model whose step graph embeds classes runs its prefill as a step
+    /// over an empty cache ([`Generator`] does this when the engine has no prefill graph):
+    /// one session then holds the weights instead of two, which halves the resident memory
+    /// on ONNX Runtime.
+    pub step_runs_prefill: bool,
+    /// Load the selection graph ([`LoadOptions::select_on_device`]).
+    pub select: bool,
+}
+
+/// The graph files to load for `purpose`.
 pub fn graph_files(
     dir: &Path,
     manifest: &Manifest,
     purpose: Purpose,
-    step_runs_prefill: bool,
+    choice: GraphChoice,
 ) -> Vec<(GraphKind, PathBuf)> {
     let decoder = manifest.decoder_graph().map(|graph| &graph.file);
     // A static step's cache starts at full capacity, which the prefill graph provides.
@@ -109,13 +122,20 @@ pub fn graph_files(
         Condition::Class {
             class_token_offset: Some(_),
             ..
-        } if step_runs_prefill && manifest.kv_cache.layout == CacheLayout::Append => None,
+        } if choice.step_runs_prefill && manifest.kv_cache.layout == CacheLayout::Append => None,
         _ => Some(&manifest.graphs.prefill.file),
     };
+    let select = manifest
+        .graphs
+        .select
+        .as_ref()
+        .filter(|_| choice.select)
+        .map(|graph| &graph.file);
     let files = match purpose {
         Purpose::Generate => vec![
             (GraphKind::Prefill, prefill),
             (GraphKind::Step, Some(&manifest.graphs.step.file)),
+            (GraphKind::Select, select),
             (GraphKind::Decoder, decoder),
         ],
         Purpose::Decode => vec![(GraphKind::Decoder, decoder)],
@@ -124,6 +144,19 @@ pub fn graph_files(
         .into_iter()
         .filter_map(|(kind, file)| file.map(|f| (kind, dir.join(f))))
         .collect()
+}
+
+/// Whether to select on the device: as asked, else on a GPU; asking for it of a directory
+/// without the selection graph is an error.
+fn wants_select(manifest: &Manifest, asked: Option<bool>, gpu: bool) -> Result<bool, RuntimeError> {
+    let available = manifest.graphs.select.is_some();
+    match asked {
+        Some(true) if !available => Err(RuntimeError::BadInput(
+            "this model directory has no selection graph (re-export it with this narx)".into(),
+        )),
+        Some(asked) => Ok(asked),
+        None => Ok(gpu && available),
+    }
 }
 
 fn as_paths(files: &[(GraphKind, PathBuf)]) -> Vec<(GraphKind, &Path)> {
@@ -156,7 +189,6 @@ impl AnyGenerator {
         if ort.intra_threads.is_none() {
             ort.intra_threads = options.threads;
         }
-        ort.resident_outputs = manifest.kv_cache.present_names();
         ort.profiles = [(GraphKind::Prefill, "prefill"), (GraphKind::Step, "step")]
             .into_iter()
             .filter_map(|(kind, name)| {
@@ -199,7 +231,11 @@ impl AnyGenerator {
         let last = candidates.len() - 1;
         for (i, candidate) in candidates.into_iter().enumerate() {
             let Some(execution_provider) = candidate else {
-                let files = graph_files(dir, &manifest, purpose, false);
+                let choice = GraphChoice {
+                    step_runs_prefill: false,
+                    select: wants_select(&manifest, options.select_on_device, false)?,
+                };
+                let files = graph_files(dir, &manifest, purpose, choice);
                 let engine = TractEngine::load(&as_paths(&files), options.threads)?;
                 let generator = Generator::with_order(manifest, engine, order)?;
                 return Ok((AnyGenerator::Tract(generator), note));
@@ -207,8 +243,17 @@ impl AnyGenerator {
             let name = execution_provider.to_string();
             // TensorRT's profiles start the cache at the condition positions, so its
             // engines keep the prefill graph.
-            let step_runs_prefill = !matches!(execution_provider, ExecutionProvider::TensorRt(_));
-            let files = graph_files(dir, &manifest, purpose, step_runs_prefill);
+            let gpu = !matches!(execution_provider, ExecutionProvider::Cpu);
+            let choice = GraphChoice {
+                step_runs_prefill: !matches!(execution_provider, ExecutionProvider::TensorRt(_)),
+                select: wants_select(&manifest, options.select_on_device, gpu)?,
+            };
+            let files = graph_files(dir, &manifest, purpose, choice);
+            // With selection on the device the head logits stay there too.
+            if choice.select {
+                ort.resident_outputs
+                    .extend(manifest.heads.iter().map(|h| h.output.clone()));
+            }
             ort.provider = execution_provider;
             match OrtEngine::load(&as_paths(&files), &ort) {
                 Ok(engine) => {

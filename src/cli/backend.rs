@@ -48,10 +48,21 @@ pub struct BackendArgs {
     /// TensorRT: build engines afresh every run and keep nothing.
     #[arg(long)]
     no_trt_cache: bool,
+    /// Where each call's logits are assembled, guided and cut to the top-k candidates: on the
+    /// device by the selection graph (the default on cuda and tensorrt: a call then returns
+    /// kilobytes) or on the host (the default on cpu and tract).
+    #[arg(long, value_enum)]
+    select: Option<SelectArg>,
     /// TensorRT: INT8 kernels, with the ranges of a `narx calibrate` output (its calibration
     /// table for the float graphs, or its int8/ QDQ model).
     #[arg(long)]
     trt_int8: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum SelectArg {
+    Host,
+    Device,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -118,6 +129,7 @@ impl BackendArgs {
             threads: self.threads,
             order,
             gpu: self.gpu_options()?,
+            select_on_device: self.select.map(|s| matches!(s, SelectArg::Device)),
         };
         Ok((provider, options))
     }

@@ -12,7 +12,7 @@ use narx_runtime::backend::ort::{find_library, OrtEngine, OrtOptions};
 use narx_runtime::backend::tract::TractEngine;
 use narx_runtime::backend::{Engine, GraphKind, HostTensor};
 use narx_runtime::generate::Generator;
-use narx_runtime::load::{graph_files, Purpose};
+use narx_runtime::load::{graph_files, GraphChoice, Purpose};
 
 pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures")
@@ -133,12 +133,11 @@ impl Files {
 
 pub fn graph_paths(dir: &Path, step_runs_prefill: bool) -> Files {
     let manifest = Manifest::load(dir).unwrap();
-    Files(graph_files(
-        dir,
-        &manifest,
-        Purpose::Generate,
+    let choice = GraphChoice {
         step_runs_prefill,
-    ))
+        select: false,
+    };
+    Files(graph_files(dir, &manifest, Purpose::Generate, choice))
 }
 
 /// tract with the prefill graph.

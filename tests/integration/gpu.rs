@@ -141,6 +141,7 @@ fn packages_are_complete_bundles_that_run() {
             "board/README.md",
             "board/narx.json",
             "board/prefill.onnx",
+            "board/select.onnx",
             "board/step.onnx",
             "board/trt-cache/step_sm90.engine",
             "board/weights.bin",

@@ -11,4 +11,5 @@ mod graphs;
 mod parity;
 mod pictures;
 mod raster;
+mod select;
 mod video;

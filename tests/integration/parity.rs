@@ -14,7 +14,7 @@ use crate::common::{
 
 const TOLERANCE: f32 = 1e-3;
 
-fn prompts(name: &str, reference: &Reference) -> Prompts {
+pub fn prompts(name: &str, reference: &Reference) -> Prompts {
     if reference_json(name)["kind"] == "t2i" {
         let (shape, embeddings) = reference.f32("caption_embeddings");
         let (_, mask) = reference.f32("caption_mask");

@@ -23,6 +23,8 @@ use crate::RuntimeError;
 pub enum GraphKind {
     Prefill,
     Step,
+    /// Assembly, guidance and top-k of a call's logits (`narx_graphs::select`).
+    Select,
     /// The VQ decoder: tokens → pixels.
     Decoder,
 }
@@ -32,6 +34,7 @@ impl fmt::Display for GraphKind {
         f.write_str(match self {
             GraphKind::Prefill => "prefill",
             GraphKind::Step => "step",
+            GraphKind::Select => "select",
             GraphKind::Decoder => "decoder",
         })
     }

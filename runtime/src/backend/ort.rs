@@ -565,6 +565,13 @@ impl SessionFactory<'_> {
         // Under TensorRT, an EP-context model from an earlier run loads the built engine
         // (and is not written again).
         let (path, provider) = match &options.provider {
+            // The selection graph (a TopK over the vocabulary, integer gathers) is CUDA's.
+            ExecutionProvider::TensorRt(trt) if graph == GraphKind::Select => (
+                path.to_path_buf(),
+                ExecutionProvider::Cuda(CudaOptions {
+                    device_id: trt.device_id,
+                }),
+            ),
             ExecutionProvider::TensorRt(trt) => match trt.ep_context_model(path) {
                 Some(context) => (
                     context,

@@ -1,0 +1,136 @@
+//! The selection graph (assembly, guidance and top-k where the logits are) against the
+//! host's own: on the fixtures, every call's candidates are the host's top-k guided logits
+//! with the same values, and the tokens are the same, greedy (upstream's) and sampled.
+
+use std::path::Path;
+
+use narx_graphs::manifest::Manifest;
+use narx_graphs::DType;
+use narx_runtime::backend::ort::{OrtEngine, OrtOptions};
+use narx_runtime::backend::tract::TractEngine;
+use narx_runtime::backend::Engine;
+use narx_runtime::generate::{GenerateOptions, Generator};
+use narx_runtime::load::{graph_files, GraphChoice, Purpose};
+use narx_runtime::sampling::SamplingParams;
+
+use crate::common::{
+    export_fixture, ort_generator, ort_library, reference_json, tract_generator, Reference,
+};
+use crate::parity::prompts;
+
+fn with_selection(dir: &Path) -> Vec<(narx_runtime::backend::GraphKind, std::path::PathBuf)> {
+    let manifest = Manifest::load(dir).unwrap();
+    let choice = GraphChoice {
+        step_runs_prefill: true,
+        select: true,
+    };
+    graph_files(dir, &manifest, Purpose::Generate, choice)
+}
+
+fn paths(
+    files: &[(narx_runtime::backend::GraphKind, std::path::PathBuf)],
+) -> Vec<(narx_runtime::backend::GraphKind, &Path)> {
+    files.iter().map(|(k, p)| (*k, p.as_path())).collect()
+}
+
+/// Per call, the guided logits; and the tokens.
+fn run<E: Engine>(
+    generator: &mut Generator<E>,
+    name: &str,
+    options: &GenerateOptions,
+) -> (Vec<Vec<f32>>, Vec<Vec<u32>>) {
+    let reference = Reference::load(name);
+    let mut guided = Vec::new();
+    let generation = generator
+        .generate(&prompts(name, &reference), options, &mut |r| {
+            guided.push(r.guided.to_vec())
+        })
+        .unwrap();
+    (guided, generation.tokens)
+}
+
+/// `selecting` against `host`, the same backend without the selection graph.
+fn check<E: Engine>(mut selecting: Generator<E>, mut host: Generator<E>, name: &str) {
+    let json = reference_json(name);
+    let vocab = selecting.manifest().vocab_size;
+    for (greedy, top_k) in [(true, 7), (false, 20)] {
+        let options = GenerateOptions {
+            cfg_scale: json["cfg_scale"].as_f64().unwrap() as f32,
+            cfg_interval: json["cfg_interval"].as_i64().unwrap(),
+            sampling: SamplingParams {
+                greedy,
+                top_k,
+                ..SamplingParams::default()
+            },
+            seed: 3,
+        };
+        let (want, want_tokens) = run(&mut host, name, &options);
+        let (got, got_tokens) = run(&mut selecting, name, &options);
+        let what = format!("{name} on {}, top-k {top_k}", selecting.engine_name());
+        assert_eq!(got_tokens, want_tokens, "{what}: tokens");
+        if greedy {
+            let (_, upstream) = Reference::load(name).i64("tokens");
+            let tokens: Vec<i64> = got_tokens.iter().flatten().map(|&t| t.into()).collect();
+            assert_eq!(tokens, upstream, "{what}: tokens against upstream");
+        }
+        for (call, (got, want)) in got.iter().zip(&want).enumerate() {
+            for (row, (got, want)) in got.chunks(vocab).zip(want.chunks(vocab)).enumerate() {
+                let kept: Vec<usize> = (0..vocab).filter(|&i| got[i].is_finite()).collect();
+                assert_eq!(
+                    kept.len(),
+                    top_k,
+                    "{what}: call {call} row {row}: candidates"
+                );
+                let mut sorted = want.to_vec();
+                sorted.sort_by(|a, b| b.total_cmp(a));
+                for &i in &kept {
+                    assert!(
+                        (got[i] - want[i]).abs() <= 1e-5 && want[i] >= sorted[top_k - 1],
+                        "{what}: call {call} row {row} token {i}: {} vs host {} (k-th {})",
+                        got[i],
+                        want[i],
+                        sorted[top_k - 1]
+                    );
+                }
+            }
+        }
+    }
+}
+
+fn selection_matches_the_host(name: &str) {
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path().join("model");
+    export_fixture(name, "model.safetensors", &dir, DType::F32);
+    let files = with_selection(&dir);
+    let options = OrtOptions {
+        library: Some(ort_library()),
+        intra_threads: Some(2),
+        ..OrtOptions::default()
+    };
+    let manifest = Manifest::load(&dir).unwrap();
+    let ort = OrtEngine::load(&paths(&files), &options).unwrap();
+    let selecting = Generator::new(manifest.clone(), ort).unwrap();
+    check(selecting, ort_generator(&dir), name);
+    let tract = TractEngine::load(&paths(&files), Some(2)).unwrap();
+    check(
+        Generator::new(manifest, tract).unwrap(),
+        tract_generator(&dir),
+        name,
+    );
+}
+
+#[test]
+fn c2i_selection_on_the_device_matches_the_host() {
+    selection_matches_the_host("nar-c2i-tiny");
+}
+
+#[test]
+fn t2i_selection_on_the_device_matches_the_host() {
+    selection_matches_the_host("nar-t2i-tiny");
+}
+
+/// Three heads: cells reached by up to three predictions.
+#[test]
+fn video_selection_on_the_device_matches_the_host() {
+    selection_matches_the_host("nar-video-tiny");
+}
