@@ -102,8 +102,8 @@ pub struct LoadOptions {
 pub struct GraphChoice {
     /// A class-conditional model whose step graph embeds classes runs its prefill as a step
     /// over an empty cache ([`Generator`] does this when the engine has no prefill graph):
-    /// one session then holds the weights instead of two, which halves the resident memory
-    /// on ONNX Runtime.
+    /// one graph then holds the weights instead of two, which halves the resident memory.
+    /// (TensorRT and the static layout keep the prefill graph.)
     pub step_runs_prefill: bool,
     /// Load the selection graph ([`LoadOptions::select_on_device`]).
     pub select: bool,
@@ -232,7 +232,7 @@ impl AnyGenerator {
         for (i, candidate) in candidates.into_iter().enumerate() {
             let Some(execution_provider) = candidate else {
                 let choice = GraphChoice {
-                    step_runs_prefill: false,
+                    step_runs_prefill: true,
                     select: wants_select(&manifest, options.select_on_device, false)?,
                 };
                 let files = graph_files(dir, &manifest, purpose, choice);

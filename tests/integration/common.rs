@@ -140,8 +140,14 @@ pub fn graph_paths(dir: &Path, step_runs_prefill: bool) -> Files {
     Files(graph_files(dir, &manifest, Purpose::Generate, choice))
 }
 
-/// tract with the prefill graph.
+/// tract with the graphs `narx run` loads (class-conditional models run the prefill through
+/// the step graph).
 pub fn tract_engine(dir: &Path) -> TractEngine {
+    TractEngine::load(&graph_paths(dir, true).as_paths(), Some(2)).unwrap()
+}
+
+/// tract with the prefill graph too, for tests that run it.
+pub fn tract_engine_with_prefill(dir: &Path) -> TractEngine {
     TractEngine::load(&graph_paths(dir, false).as_paths(), Some(2)).unwrap()
 }
 

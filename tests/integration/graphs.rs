@@ -80,7 +80,7 @@ fn graphs_run_at_every_width_and_batch_on_both_backends() {
     let dir = temp.path().join("c2i");
     let manifest = export_fixture("nar-c2i-tiny", "model.safetensors", &dir, DType::F32);
     let layers = manifest.kv_cache.layers;
-    let mut tract = crate::common::tract_engine(&dir);
+    let mut tract = crate::common::tract_engine_with_prefill(&dir);
     let mut ort = crate::common::ort_engine_with_prefill(&dir);
     for batch in 1..=4 {
         for width in 1..=manifest.grid[0] {
@@ -219,9 +219,9 @@ fn fp16_export_stays_close_to_float32() {
         manifest.weights.bytes < fp32_bytes * 6 / 10,
         "weights are stored in float16"
     );
-    let expected = teacher_forced(&mut crate::common::tract_engine(&fp32), layers);
+    let expected = teacher_forced(&mut crate::common::tract_engine_with_prefill(&fp32), layers);
     for got in [
-        teacher_forced(&mut crate::common::tract_engine(&fp16), layers),
+        teacher_forced(&mut crate::common::tract_engine_with_prefill(&fp16), layers),
         teacher_forced(&mut crate::common::ort_engine_with_prefill(&fp16), layers),
     ] {
         let worst = got
