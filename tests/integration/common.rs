@@ -132,11 +132,17 @@ impl Files {
 }
 
 pub fn graph_paths(dir: &Path, step_runs_prefill: bool) -> Files {
+    chosen_graphs(
+        dir,
+        GraphChoice {
+            step_runs_prefill,
+            select: false,
+        },
+    )
+}
+
+pub fn chosen_graphs(dir: &Path, choice: GraphChoice) -> Files {
     let manifest = Manifest::load(dir).unwrap();
-    let choice = GraphChoice {
-        step_runs_prefill,
-        select: false,
-    };
     Files(graph_files(dir, &manifest, Purpose::Generate, choice))
 }
 

@@ -2,36 +2,20 @@
 //! host's own: on the fixtures, every call's candidates are the host's top-k guided logits
 //! with the same values, and the tokens are the same, greedy (upstream's) and sampled.
 
-use std::path::Path;
-
 use narx_graphs::manifest::{CacheLayout, Manifest};
 use narx_graphs::DType;
 use narx_runtime::backend::ort::{OrtEngine, OrtOptions};
 use narx_runtime::backend::tract::TractEngine;
 use narx_runtime::backend::Engine;
 use narx_runtime::generate::{GenerateOptions, Generator};
-use narx_runtime::load::{graph_files, GraphChoice, Purpose};
+use narx_runtime::load::GraphChoice;
 use narx_runtime::sampling::SamplingParams;
 
 use crate::common::{
-    export_fixture_as, ort_generator, ort_library, reference_json, tract_generator, Reference,
+    chosen_graphs, export_fixture_as, ort_generator, ort_library, reference_json, tract_generator,
+    Reference,
 };
 use crate::parity::prompts;
-
-fn with_selection(dir: &Path) -> Vec<(narx_runtime::backend::GraphKind, std::path::PathBuf)> {
-    let manifest = Manifest::load(dir).unwrap();
-    let choice = GraphChoice {
-        step_runs_prefill: true,
-        select: true,
-    };
-    graph_files(dir, &manifest, Purpose::Generate, choice)
-}
-
-fn paths(
-    files: &[(narx_runtime::backend::GraphKind, std::path::PathBuf)],
-) -> Vec<(narx_runtime::backend::GraphKind, &Path)> {
-    files.iter().map(|(k, p)| (*k, p.as_path())).collect()
-}
 
 /// Per call, the guided logits; and the tokens.
 fn run<E: Engine>(
@@ -109,13 +93,19 @@ fn selection_matches_the_host(name: &str) {
     for layout in [CacheLayout::Append, CacheLayout::Static] {
         let dir = temp.path().join(layout.to_string());
         export_fixture_as(name, "model.safetensors", &dir, DType::F32, layout);
-        let files = with_selection(&dir);
+        let files = chosen_graphs(
+            &dir,
+            GraphChoice {
+                step_runs_prefill: true,
+                select: true,
+            },
+        );
         let manifest = Manifest::load(&dir).unwrap();
-        let ort = OrtEngine::load(&paths(&files), &options).unwrap();
+        let ort = OrtEngine::load(&files.as_paths(), &options).unwrap();
         let selecting = Generator::new(manifest.clone(), ort).unwrap();
         check(selecting, ort_generator(&dir), name);
         if layout == CacheLayout::Append {
-            let tract = TractEngine::load(&paths(&files), Some(2)).unwrap();
+            let tract = TractEngine::load(&files.as_paths(), Some(2)).unwrap();
             let selecting = Generator::new(manifest, tract).unwrap();
             check(selecting, tract_generator(&dir), name);
         }
