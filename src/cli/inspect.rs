@@ -80,8 +80,9 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
             null_class,
             class_token_offset,
         } => {
+            let null = null_class.map_or("none".to_string(), |c| c.to_string());
             println!(
-                "  condition: class 0..{} (null class {null_class:?})",
+                "  condition: class 0..{} (null class {null})",
                 num_classes - 1
             );
             if let Some(offset) = class_token_offset {
@@ -111,6 +112,9 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
     );
     graph("prefill", &m.graphs.prefill);
     graph("step", &m.graphs.step);
+    if let Some(select) = &m.graphs.select {
+        graph("selection (top-k on the device)", select);
+    }
     if let Some(vq) = &m.vq_decoder {
         let side = |n: usize| n * vq.patch;
         println!(
