@@ -321,9 +321,7 @@ impl<E: Engine> Generator<E> {
             if let Some(slots) = &mut slots {
                 if kind == GraphKind::Prefill {
                     let name = &self.manifest.kv_cache.present_key_bias;
-                    let bias = outputs.remove(name).ok_or_else(|| {
-                        RuntimeError::backend(&self.engine.name(), format!("no output {name}"))
-                    })?;
+                    let bias = take_output(&self.engine, &mut outputs, name)?;
                     slots.start(&self.engine.download_f32(&bias)?.1)?;
                 }
             }
@@ -510,16 +508,7 @@ impl<E: Engine> Generator<E> {
             .iter()
             .map(|&index| {
                 let head = &self.manifest.heads[index];
-                let value = outputs.remove(&head.output).ok_or_else(|| {
-                    RuntimeError::backend(&self.engine.name(), format!("no output {}", head.output))
-                })?;
-                let (shape, data) = self.engine.download_f32(&value)?;
-                if shape != expected {
-                    return Err(RuntimeError::backend(
-                        &self.engine.name(),
-                        format!("{} has shape {shape:?}, expected {expected:?}", head.output),
-                    ));
-                }
+                let data = download_output(&self.engine, outputs, &head.output, &expected)?;
                 if returned == width {
                     return Ok(data);
                 }
@@ -594,12 +583,7 @@ impl<E: Engine> Generator<E> {
         }
         pairs
             .into_iter()
-            .map(|(present, past)| {
-                let value = outputs.remove(&present).ok_or_else(|| {
-                    RuntimeError::backend(&self.engine.name(), format!("no output {present}"))
-                })?;
-                Ok((past, value))
-            })
+            .map(|(present, past)| Ok((past, take_output(&self.engine, outputs, &present)?)))
             .collect()
     }
 }
@@ -638,9 +622,7 @@ fn select<E: Engine>(
     };
     let mut inputs = Vec::new();
     for head in &manifest.heads {
-        let logits = outputs.remove(&head.output).ok_or_else(|| {
-            RuntimeError::backend(&engine.name(), format!("no output {}", head.output))
-        })?;
+        let logits = take_output(engine, outputs, &head.output)?;
         inputs.push((head.output.clone(), logits));
     }
     use narx_graphs::select::names as select;
@@ -671,24 +653,40 @@ fn select<E: Engine>(
     }
     let mut selected = engine.run(GraphKind::Select, inputs)?;
     let expected = [guidance.prompts, cells, k];
-    let mut take = |name: &str| -> Result<Vec<f32>, RuntimeError> {
-        let value = selected
-            .remove(name)
-            .ok_or_else(|| RuntimeError::backend(&engine.name(), format!("no output {name}")))?;
-        let (shape, data) = engine.download_f32(&value)?;
-        if shape != expected {
-            return Err(RuntimeError::backend(
-                &engine.name(),
-                format!("{name} has shape {shape:?}, expected {expected:?}"),
-            ));
-        }
-        Ok(data)
-    };
     Ok(Candidates {
-        values: take(select::TOP_VALUES)?,
-        ids: take(select::TOP_INDICES)?,
+        values: download_output(engine, &mut selected, select::TOP_VALUES, &expected)?,
+        ids: download_output(engine, &mut selected, select::TOP_INDICES, &expected)?,
         k,
     })
+}
+
+/// Removes the output `name` from a call's outputs; its absence is the engine's error.
+fn take_output<E: Engine>(
+    engine: &E,
+    outputs: &mut HashMap<String, E::Value>,
+    name: &str,
+) -> Result<E::Value, RuntimeError> {
+    outputs
+        .remove(name)
+        .ok_or_else(|| RuntimeError::backend(&engine.name(), format!("no output {name}")))
+}
+
+/// Takes the float32 output `name` to the host, checking that its shape is `expected`.
+fn download_output<E: Engine>(
+    engine: &E,
+    outputs: &mut HashMap<String, E::Value>,
+    name: &str,
+    expected: &[usize],
+) -> Result<Vec<f32>, RuntimeError> {
+    let value = take_output(engine, outputs, name)?;
+    let (shape, data) = engine.download_f32(&value)?;
+    if shape != expected {
+        return Err(RuntimeError::backend(
+            &engine.name(),
+            format!("{name} has shape {shape:?}, expected {expected:?}"),
+        ));
+    }
+    Ok(data)
 }
 
 /// What the selection graph needs to guide a call.
