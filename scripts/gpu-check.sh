@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # GPU checks that a machine without a GPU cannot run: the fixtures' parity on ONNX Runtime's
 # CUDA (and TensorRT, when the ONNX Runtime there has it) provider, in both cache layouts
-# (`--static` is the one TensorRT builds one engine for), and `narx bench` of the NAR-B
-# architecture at batch 1 and at a large batch.
+# (`--static` is the one TensorRT builds one engine for, and the one whose steps replay as
+# CUDA graphs: with them and without), and `narx bench` of the NAR-B architecture at batch 1
+# and at a large batch.
 #
 #   scripts/gpu-check.sh [FIXTURES_DIR] [OUT_DIR]
 #
@@ -80,7 +81,7 @@ PY
 }
 
 parity() {
-  local provider="$1" name="$2" layout="$3"
+  local provider="$1" name="$2" layout="$3" graphs="${4:-}"
   local dir="$WORK/$name-$layout" flags=""
   [ "$layout" = static ] && flags="--static"
   python3 -c "import json,sys; json.dump(json.load(open('$FIXTURES/$name/reference.json'))['config'], open('$WORK/$name.json','w'))"
@@ -91,19 +92,20 @@ parity() {
   local labels
   labels="$(python3 -c "import json; r=json.load(open('$FIXTURES/$name/reference.json')); print(' '.join(['--class %d' % l for l in r.get('labels', [])] + ['--cfg-scale %s --cfg-interval %s' % (r['cfg_scale'], r['cfg_interval'])]))")"
   # shellcheck disable=SC2086
-  local run="$name-$layout-$provider"
-  "$NARX" run "$dir" $labels --greedy --provider "$provider" --tokens-out "$WORK/$run.json" \
-    > "$OUT_DIR/run-$run.log" 2>&1 || { say "$name ($layout) on $provider: run failed (see run-$run.log)"; tail -3 "$OUT_DIR/run-$run.log" | tee -a "$SUMMARY"; return 1; }
-  printf '%s (%s) on %s: ' "$name" "$layout" "$provider" | tee -a "$SUMMARY"
+  local run="$name-$layout-$provider$graphs"
+  "$NARX" run "$dir" $labels --greedy --provider "$provider" $graphs --tokens-out "$WORK/$run.json" \
+    > "$OUT_DIR/run-$run.log" 2>&1 || { say "$name ($layout $graphs) on $provider: run failed (see run-$run.log)"; tail -3 "$OUT_DIR/run-$run.log" | tee -a "$SUMMARY"; return 1; }
+  printf '%s (%s %s) on %s: ' "$name" "$layout" "$graphs" "$provider" | tee -a "$SUMMARY"
   compare_tokens "$WORK/$run.json" "$FIXTURES/$name/reference.safetensors" | tee -a "$SUMMARY"
 }
 
 for provider in $PROVIDERS; do
   say "== parity on $provider"
   for name in nar-c2i-tiny nar-video-tiny; do
-    for layout in append static; do
-      parity "$provider" "$name" "$layout"
-    done
+    parity "$provider" "$name" append
+    # Static steps replay as CUDA graphs unless told not to.
+    parity "$provider" "$name" static
+    parity "$provider" "$name" static --no-cuda-graph
   done
 done
 
@@ -111,15 +113,17 @@ say "== bench: NAR-B (random weights), 16x16, guidance 4, top-k 2000"
 "$NARX" export --random-weights --preset nar-b --grid 16 -o "$WORK/nar-b" >/dev/null
 "$NARX" export --random-weights --preset nar-b --grid 16 --static -o "$WORK/nar-b-static" >/dev/null
 for provider in $PROVIDERS; do
-  for model in nar-b nar-b-static; do
+  for variant in "nar-b" "nar-b-static" "nar-b-static --no-cuda-graph"; do
+    read -r model graphs <<< "$variant"
     for batch in $BATCHES; do
-      log="$OUT_DIR/bench-$model-$provider-b$batch"
-      if "$NARX" bench "$WORK/$model" --provider "$provider" --batch "$batch" --repeat 3 --json \
+      log="$OUT_DIR/bench-$model$graphs-$provider-b$batch"
+      # shellcheck disable=SC2086
+      if "$NARX" bench "$WORK/$model" --provider "$provider" $graphs --batch "$batch" --repeat 3 --json \
           > "$log.log" 2>&1; then
         tail -1 "$log.log" > "$log.json"
-        say "$model on $provider, batch $batch: $(grep -m1 's/image' "$log.log")"
+        say "$variant on $provider, batch $batch: $(grep -m1 's/image' "$log.log")"
       else
-        say "$model on $provider, batch $batch: bench failed (see $(basename "$log").log)"
+        say "$variant on $provider, batch $batch: bench failed (see $(basename "$log").log)"
       fi
     done
   done

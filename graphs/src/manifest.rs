@@ -75,6 +75,11 @@ pub struct Manifest {
     /// TensorRT builder settings `narx run --provider tensorrt` starts from (flags override).
     #[serde(default)]
     pub tensorrt: TensorRtSettings,
+    /// Replay each step call as a CUDA graph under the CUDA and TensorRT providers (flags
+    /// override). Static exports set it: their step shapes stay the same for a whole
+    /// generation, which is what a captured graph needs.
+    #[serde(default)]
+    pub cuda_graph: bool,
     /// The image tokenizer's decoder, when the export was given one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vq_decoder: Option<DecoderFile>,
@@ -240,14 +245,16 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    /// Every layer's `present` key and value output.
-    pub fn present_names(&self) -> Vec<String> {
+    /// Every layer's cache outputs with the inputs they feed at the next call:
+    /// (`present.L.key`, `past.L.key`), (`present.L.value`, `past.L.value`), ...
+    pub fn carried(&self) -> Vec<(String, String)> {
         (0..self.layers)
             .flat_map(|layer| {
                 [
-                    Self::name(&self.present_key, layer),
-                    Self::name(&self.present_value, layer),
+                    (&self.present_key, &self.past_key),
+                    (&self.present_value, &self.past_value),
                 ]
+                .map(|(present, past)| (Self::name(present, layer), Self::name(past, layer)))
             })
             .collect()
     }
@@ -498,6 +505,7 @@ impl Manifest {
             sampling,
             tensorrt_profiles,
             tensorrt: TensorRtSettings::default(),
+            cuda_graph: spec.layout == CacheLayout::Static,
             vq_decoder: None,
             larp_decoder: None,
             calibration: None,
@@ -590,6 +598,13 @@ impl Manifest {
                     self.grid.len()
                 ));
             }
+        }
+        if self.cuda_graph && self.kv_cache.layout != CacheLayout::Static {
+            return Err(
+                "cuda_graph is set, but only a static export's shapes allow CUDA \
+                        graphs"
+                    .into(),
+            );
         }
         if self.vq_decoder.is_some() && self.larp_decoder.is_some() {
             return Err("it names both a VQ and a LARP decoder".into());

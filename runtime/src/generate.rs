@@ -159,6 +159,11 @@ impl<E: Engine> Generator<E> {
         &self.plan
     }
 
+    /// The backend the model runs on.
+    pub fn engine(&self) -> &E {
+        &self.engine
+    }
+
     pub fn engine_name(&self) -> String {
         self.engine.name()
     }
@@ -567,19 +572,9 @@ impl<E: Engine> Generator<E> {
         with_bias: bool,
     ) -> Result<Inputs<E>, RuntimeError> {
         let kv = &self.manifest.kv_cache;
-        let mut pairs = Vec::new();
+        let mut pairs = kv.carried();
         if with_bias {
             pairs.push((kv.present_key_bias.clone(), kv.past_key_bias.clone()));
-        }
-        for layer in 0..kv.layers {
-            pairs.push((
-                KvCache::name(&kv.present_key, layer),
-                KvCache::name(&kv.past_key, layer),
-            ));
-            pairs.push((
-                KvCache::name(&kv.present_value, layer),
-                KvCache::name(&kv.past_value, layer),
-            ));
         }
         pairs
             .into_iter()

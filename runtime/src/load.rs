@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use narx_graphs::manifest::{CacheLayout, Condition, Manifest, TensorRtSettings};
+use narx_graphs::manifest::{CacheLayout, Condition, Manifest};
 
 use crate::backend::ort::{find_library, init, provider_available, OrtEngine, OrtOptions};
 use crate::backend::providers::{
@@ -33,8 +33,8 @@ pub enum Provider {
     TensorRt,
 }
 
-/// GPU settings from the command line; what is unset comes from the manifest's
-/// [`narx_graphs::manifest::TensorRtSettings`].
+/// GPU settings from the command line; what is unset comes from the manifest (its
+/// [`narx_graphs::manifest::TensorRtSettings`] and `cuda_graph`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct GpuOptions {
     pub device_id: u32,
@@ -48,17 +48,48 @@ pub struct GpuOptions {
     pub no_cache: bool,
     /// TensorRT INT8, with where its ranges come from.
     pub int8: Option<TensorRtInt8>,
+    /// Replay the step as CUDA graphs (a static export's default).
+    pub cuda_graph: Option<bool>,
 }
 
 impl GpuOptions {
+    /// Whether the step replays as CUDA graphs on a GPU: as asked, else as the manifest
+    /// says. Asking for it of a model whose shapes change from call to call is an error.
+    pub fn cuda_graph(&self, manifest: &Manifest) -> Result<bool, RuntimeError> {
+        match self.cuda_graph {
+            Some(true) if manifest.kv_cache.layout != CacheLayout::Static => {
+                Err(RuntimeError::BadInput(
+                    "CUDA graphs need shapes that stay the same from call to call: export the \
+                     model with `narx export --static`"
+                        .into(),
+                ))
+            }
+            Some(asked) => Ok(asked),
+            None => Ok(manifest.cuda_graph),
+        }
+    }
+
+    /// The CUDA options for the model.
+    pub fn cuda(&self, manifest: &Manifest) -> Result<CudaOptions, RuntimeError> {
+        Ok(CudaOptions {
+            device_id: self.device_id,
+            cuda_graph: self.cuda_graph(manifest)?,
+        })
+    }
+
     /// The TensorRT options for the model in `dir`: the manifest's settings, overridden.
-    pub fn tensorrt(&self, settings: &TensorRtSettings, dir: &Path) -> TensorRtOptions {
+    pub fn tensorrt(
+        &self,
+        manifest: &Manifest,
+        dir: &Path,
+    ) -> Result<TensorRtOptions, RuntimeError> {
+        let settings = &manifest.tensorrt;
         let cache = |folder: &Option<String>| match (&self.cache_dir, folder) {
             _ if self.no_cache => None,
             (Some(dir), _) => Some(dir.clone()),
             (None, folder) => folder.as_ref().map(|f| dir.join(f)),
         };
-        TensorRtOptions {
+        let options = TensorRtOptions {
             device_id: self.device_id,
             fp16: self.fp16.unwrap_or(settings.fp16),
             bf16: self.bf16.unwrap_or(settings.bf16),
@@ -70,7 +101,10 @@ impl GpuOptions {
             timing_cache: cache(&settings.timing_cache),
             int8: self.int8.clone(),
             ep_context: cache(&settings.engine_cache),
-        }
+            cuda_graph: self.cuda_graph(manifest)?,
+        };
+        options.validate()?;
+        Ok(options)
     }
 }
 
@@ -196,12 +230,14 @@ impl AnyGenerator {
                 Some((kind, profile))
             })
             .collect();
-        let cuda = ExecutionProvider::Cuda(CudaOptions {
-            device_id: options.gpu.device_id,
-        });
-        let tensorrt = ExecutionProvider::TensorRt(options.gpu.tensorrt(&manifest.tensorrt, dir));
-        if let ExecutionProvider::TensorRt(trt) = &tensorrt {
-            trt.validate()?;
+        let cuda = ExecutionProvider::Cuda(options.gpu.cuda(&manifest)?);
+        let tensorrt = ExecutionProvider::TensorRt(options.gpu.tensorrt(&manifest, dir)?);
+        if options.gpu.cuda_graph == Some(true)
+            && matches!(provider, Provider::Tract | Provider::Cpu)
+        {
+            return Err(RuntimeError::BadInput(
+                "CUDA graphs are for --provider cuda or tensorrt".into(),
+            ));
         }
         // The candidates in order of preference; `auto` takes the first that starts.
         let (candidates, mut note) = match provider {
@@ -254,6 +290,10 @@ impl AnyGenerator {
                 ort.resident_outputs
                     .extend(manifest.heads.iter().map(|h| h.output.clone()));
             }
+            // The cache of one call is the input of the next at the same address.
+            ort.fixed_step_buffers = execution_provider
+                .cuda_graph()
+                .then(|| manifest.kv_cache.carried());
             ort.provider = execution_provider;
             match OrtEngine::load(&as_paths(&files), &ort) {
                 Ok(engine) => {

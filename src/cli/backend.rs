@@ -57,6 +57,13 @@ pub struct BackendArgs {
     /// table for the float graphs, or its int8/ QDQ model).
     #[arg(long)]
     trt_int8: bool,
+    /// cuda, tensorrt: capture each step call as a CUDA graph and replay it (the default for
+    /// a `--static` export, whose shapes allow it).
+    #[arg(long, conflicts_with = "no_cuda_graph")]
+    cuda_graph: bool,
+    /// Launch every kernel of every call instead of replaying CUDA graphs.
+    #[arg(long)]
+    no_cuda_graph: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -152,6 +159,11 @@ impl BackendArgs {
             cache_dir: self.trt_cache.clone(),
             no_cache: self.no_trt_cache,
             int8: None,
+            cuda_graph: match (self.cuda_graph, self.no_cuda_graph) {
+                (true, _) => Some(true),
+                (_, true) => Some(false),
+                _ => None,
+            },
         })
     }
 }

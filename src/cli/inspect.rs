@@ -149,6 +149,14 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
         cache(&trt.engine_cache),
         cache(&trt.timing_cache)
     );
+    println!(
+        "  CUDA graphs on cuda and tensorrt: {}",
+        if m.cuda_graph {
+            "on (the step's shapes are static)"
+        } else {
+            "off"
+        }
+    );
     if let Some(q) = &m.quantization {
         println!("  quantised: {q}");
     }

@@ -176,12 +176,27 @@ pub fn ort_engine_with_prefill(dir: &Path) -> OrtEngine {
 }
 
 fn load_ort(dir: &Path, step_runs_prefill: bool) -> OrtEngine {
+    load_ort_with(dir, step_runs_prefill, OrtOptions::default())
+}
+
+fn load_ort_with(dir: &Path, step_runs_prefill: bool, options: OrtOptions) -> OrtEngine {
     let options = OrtOptions {
         library: Some(ort_library()),
         intra_threads: Some(2),
-        ..OrtOptions::default()
+        ..options
     };
     OrtEngine::load(&graph_paths(dir, step_runs_prefill).as_paths(), &options).unwrap()
+}
+
+/// A generator on ONNX Runtime's CPU provider whose step runs on buffers at fixed
+/// addresses, as under CUDA graphs (the CPU provider ignores the graph ids).
+pub fn ort_generator_on_fixed_buffers(dir: &Path) -> Generator<OrtEngine> {
+    let manifest = Manifest::load(dir).unwrap();
+    let options = OrtOptions {
+        fixed_step_buffers: Some(manifest.kv_cache.carried()),
+        ..OrtOptions::default()
+    };
+    Generator::new(manifest, load_ort_with(dir, true, options)).unwrap()
 }
 
 pub fn tract_generator(dir: &Path) -> Generator<TractEngine> {

@@ -3,12 +3,12 @@
 //! for where there is none, and bundles for boards. (`scripts/gpu-check.sh` runs the rest on
 //! a GPU.)
 
-use narx_graphs::manifest::Manifest;
+use narx_graphs::manifest::{CacheLayout, Manifest};
 use narx_graphs::DType;
 use narx_runtime::backend::providers::ProfileShapes;
 use narx_runtime::load::GpuOptions;
 
-use crate::common::{export_fixture, narx, stderr};
+use crate::common::{assert_bad_input, export_fixture, export_fixture_as, narx, stderr, stdout};
 
 #[test]
 fn exports_carry_tensorrt_profiles_covering_every_dynamic_input() {
@@ -37,7 +37,7 @@ fn exports_carry_tensorrt_profiles_covering_every_dynamic_input() {
     assert!(shapes.max.contains("positions:8"), "{}", shapes.max);
 
     // The manifest's TensorRT settings, resolved against the directory and overridden.
-    let trt = GpuOptions::default().tensorrt(&manifest.tensorrt, &dir);
+    let trt = GpuOptions::default().tensorrt(&manifest, &dir).unwrap();
     assert_eq!(trt.engine_cache, Some(dir.join("trt-cache")));
     // EP-context models go with the engines; a graph's is used once a run has written it.
     assert_eq!(trt.ep_context, Some(dir.join("trt-cache")));
@@ -59,7 +59,7 @@ fn exports_carry_tensorrt_profiles_covering_every_dynamic_input() {
         no_cache: true,
         ..GpuOptions::default()
     };
-    let trt = flags.tensorrt(&manifest.tensorrt, &dir);
+    let trt = flags.tensorrt(&manifest, &dir).unwrap();
     assert_eq!(
         (trt.device_id, trt.fp16, trt.builder_optimization_level),
         (2, true, 5)
@@ -108,6 +108,73 @@ fn gpu_providers_without_a_gpu_build_fail_with_what_is_missing() {
     let output = narx(&["run", dir_arg, "--class", "1"]);
     assert!(output.status.success(), "{}", stderr(&output));
     assert!(stderr(&output).contains("using the cpu provider of ONNX Runtime"));
+}
+
+#[test]
+fn cuda_graphs_replay_static_exports_on_gpu_providers_only() {
+    let temp = tempfile::tempdir().unwrap();
+    let fixed = temp.path().join("static");
+    let growing = temp.path().join("append");
+    let static_manifest = export_fixture_as(
+        "nar-c2i-tiny",
+        "model.safetensors",
+        &fixed,
+        DType::F32,
+        CacheLayout::Static,
+    );
+    let append_manifest = export_fixture("nar-c2i-tiny", "model.safetensors", &growing, DType::F32);
+    // Static shapes allow CUDA graphs, so a static export turns them on; flags override.
+    assert!(static_manifest.cuda_graph && !append_manifest.cuda_graph);
+    let default = GpuOptions::default();
+    assert!(default.cuda(&static_manifest).unwrap().cuda_graph);
+    assert!(
+        default
+            .tensorrt(&static_manifest, &fixed)
+            .unwrap()
+            .cuda_graph
+    );
+    assert!(!default.cuda(&append_manifest).unwrap().cuda_graph);
+    let off = GpuOptions {
+        cuda_graph: Some(false),
+        ..GpuOptions::default()
+    };
+    assert!(!off.cuda(&static_manifest).unwrap().cuda_graph);
+    let on = GpuOptions {
+        cuda_graph: Some(true),
+        ..GpuOptions::default()
+    };
+    let message = on.cuda(&append_manifest).unwrap_err().to_string();
+    assert!(message.contains("--static"), "{message}");
+
+    let (fixed_arg, growing_arg) = (fixed.to_str().unwrap(), growing.to_str().unwrap());
+    let run = |args: &[&str]| narx(&[&["run", "--class", "1"], args].concat());
+    // Asked of shapes that change from call to call, or of the CPU: the user's mistake.
+    let output = run(&[growing_arg, "--provider", "cuda", "--cuda-graph"]);
+    assert_bad_input(&output, &["narx export --static"]);
+    let output = run(&[fixed_arg, "--provider", "cpu", "--cuda-graph"]);
+    assert_bad_input(&output, &["--provider cuda or tensorrt"]);
+    let output = run(&[fixed_arg, "--cuda-graph", "--no-cuda-graph"]);
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    // The manifest's default does not stop the CPU, which has no graphs to capture.
+    let output = run(&[fixed_arg, "--provider", "cpu"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    // On a machine without a GPU the provider is what is missing, graphs or not.
+    for flag in ["--cuda-graph", "--no-cuda-graph"] {
+        let output = run(&[fixed_arg, "--provider", "cuda", flag]);
+        assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+        assert!(stderr(&output).contains("CUDAExecutionProvider"));
+    }
+    let output = narx(&["inspect", fixed_arg]);
+    assert!(stdout(&output).contains("CUDA graphs on cuda and tensorrt: on"));
+
+    // A manifest that claims CUDA graphs for growing shapes is refused.
+    let path = Manifest::path(&growing);
+    let text = std::fs::read_to_string(&path).unwrap();
+    let edited = text.replace("\"cuda_graph\": false", "\"cuda_graph\": true");
+    assert_ne!(text, edited);
+    std::fs::write(&path, edited).unwrap();
+    let output = narx(&["inspect", growing_arg]);
+    assert_bad_input(&output, &["cuda_graph", "static"]);
 }
 
 #[test]

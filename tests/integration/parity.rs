@@ -9,7 +9,8 @@ use narx_runtime::generate::{GenerateOptions, Generator, Prompts};
 use narx_runtime::sampling::SamplingParams;
 
 use crate::common::{
-    export_fixture, export_fixture_as, ort_generator, reference_json, tract_generator, Reference,
+    export_fixture, export_fixture_as, ort_generator, ort_generator_on_fixed_buffers,
+    reference_json, tract_generator, Reference,
 };
 
 const TOLERANCE: f32 = 1e-3;
@@ -161,6 +162,29 @@ fn parity(name: &str) {
     }
     replay(&mut tract_generator(&fixed), name);
     replay(&mut ort_generator(&fixed), name);
+
+    // The step on buffers that stay put, as CUDA graphs replay it: the same numbers, and
+    // nothing copied into the buffers but each call's host inputs and, once, the prefill's
+    // cache (the cache then alternates between two sets without a copy).
+    let mut generator = ort_generator_on_fixed_buffers(&fixed);
+    replay(&mut generator, name);
+    let rows = 2 * Reference::load(name).i64("tokens").0[0];
+    let steps = reference_json(name)["steps"].as_u64().unwrap() as usize - 1;
+    let width = manifest.graphs.step.inputs[0].shape[1].clone();
+    assert_eq!(manifest.graphs.step.inputs[0].name, "tokens");
+    let Dim::Fixed(width) = width else {
+        panic!("{name}: static tokens width {width:?}")
+    };
+    let kv = &manifest.kv_cache;
+    let slots = kv.capacity;
+    let cache = rows * kv.layers * 2 * kv.kv_heads * slots * kv.head_dim * 4;
+    // tokens and positions (int64), key_bias and cache_write (float32)
+    let per_step = rows * width * 8 + width * 8 + rows * slots * 4 + slots * width * 4;
+    assert_eq!(
+        generator.engine().staged_bytes(),
+        Some((cache + steps * per_step) as u64),
+        "{name}: bytes copied into the fixed buffers"
+    );
 }
 
 #[test]

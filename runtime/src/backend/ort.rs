@@ -8,6 +8,8 @@
 //! Tensors stay ONNX Runtime values ([`DynValue`]) between calls: the outputs of one
 //! [`Engine::run`] are owned values that can be fed straight back as inputs of the next.
 
+mod fixed;
+
 use std::collections::{HashMap, HashSet};
 use std::env;
 use std::path::{Path, PathBuf};
@@ -24,6 +26,7 @@ use ort::value::{DynTensor, DynTensorValueType, DynValue, Tensor, TensorElementT
 use super::providers::{CudaOptions, ExecutionProvider, ProfileShapes, TensorRtOptions};
 use super::{Engine, GraphKind, GraphPaths, HostTensor};
 use crate::RuntimeError;
+use fixed::FixedStep;
 
 /// Backend name used in error messages.
 const BACKEND: &str = "onnxruntime";
@@ -41,6 +44,11 @@ pub struct OrtOptions {
     /// Outputs that only feed the next call (the KV cache): bound to the provider's device
     /// and left there, so under CUDA and TensorRT the cache never crosses to the host.
     pub resident_outputs: Vec<String>,
+    /// Run the step graph on buffers allocated once, at the same addresses call after call,
+    /// as CUDA graphs need (the `fixed` module): every output on the provider's device. The
+    /// pairs are (output, input): the step output that feeds each input at the next call
+    /// (`present.0.key` → `past.0.key`). `None`: outputs are allocated per call.
+    pub fixed_step_buffers: Option<Vec<(String, String)>>,
 }
 
 impl Default for OrtOptions {
@@ -51,6 +59,7 @@ impl Default for OrtOptions {
             provider: ExecutionProvider::Cpu,
             profiles: Vec::new(),
             resident_outputs: Vec::new(),
+            fixed_step_buffers: None,
         }
     }
 }
@@ -148,6 +157,50 @@ fn library_in_dir(dir: &Path) -> Option<PathBuf> {
         }
     }
     best.map(|(_, path)| path).or(unversioned)
+}
+
+/// The version the ONNX Runtime library at `library` reports
+/// (`OrtGetApiBase()->GetVersionString()`): `[1, 18, 0]`.
+pub fn runtime_version(library: &Path) -> Result<Vec<u64>, RuntimeError> {
+    let fail = |why: String| RuntimeError::OrtLibrary(format!("{}: {why}", library.display()));
+    // SAFETY: every ONNX Runtime exports `OrtGetApiBase` with this signature, and the version
+    // string it hands out is static. Opening the library again only takes another reference
+    // to the copy `init` loaded.
+    let text = unsafe {
+        let lib = libloading::Library::new(library).map_err(|e| fail(e.to_string()))?;
+        let get_base: libloading::Symbol<unsafe extern "C" fn() -> *const ort::sys::OrtApiBase> =
+            lib.get(b"OrtGetApiBase")
+                .map_err(|e| fail(format!("not ONNX Runtime: {e}")))?;
+        let base = get_base();
+        if base.is_null() {
+            return Err(fail("OrtGetApiBase returned nothing".into()));
+        }
+        std::ffi::CStr::from_ptr(((*base).GetVersionString)())
+            .to_string_lossy()
+            .into_owned()
+    };
+    // A build may add a suffix: `1.19.0-dev`.
+    let numbers = text.split(['-', '+']).next().unwrap_or_default();
+    parse_version(numbers).ok_or_else(|| fail(format!("unreadable version {text:?}")))
+}
+
+/// The first ONNX Runtime whose CUDA provider keeps one captured graph per `gpu_graph_id`
+/// (older ones replay a single graph whatever the id, which would mix up the two sets of
+/// step buffers).
+const CUDA_GRAPH_VERSION: [u64; 2] = [1, 18];
+
+/// Refuses CUDA graphs on an ONNX Runtime that cannot keep two of them.
+fn check_cuda_graph_support(version: &[u64], library: &Path) -> Result<(), RuntimeError> {
+    if version >= &CUDA_GRAPH_VERSION[..] {
+        return Ok(());
+    }
+    let text: Vec<String> = version.iter().map(u64::to_string).collect();
+    Err(RuntimeError::Provider(format!(
+        "CUDA graphs need ONNX Runtime 1.18 or newer; the one at {} is {}. Pass \
+         --no-cuda-graph, or use a newer ONNX Runtime",
+        library.display(),
+        text.join(".")
+    )))
 }
 
 /// `1.16.3` → `[1, 16, 3]`; `None` unless it is dot-separated numbers.
@@ -383,6 +436,7 @@ pub struct OrtEngine {
     device: MemoryInfo<'static>,
     host: MemoryInfo<'static>,
     resident_outputs: HashSet<String>,
+    fixed_step: Option<Box<FixedStep>>,
 }
 
 impl OrtEngine {
@@ -397,6 +451,9 @@ impl OrtEngine {
         let library = find_library(options.library.as_deref())?;
         let environment = environment(&library)?;
         check_available(&options.provider, &library)?;
+        if options.provider.cuda_graph() {
+            check_cuda_graph_support(&runtime_version(&library)?, &library)?;
+        }
         if let ExecutionProvider::TensorRt(trt) = &options.provider {
             create_cache_dirs(trt)?;
         }
@@ -423,7 +480,7 @@ impl OrtEngine {
         };
         let device = match &options.provider {
             ExecutionProvider::Cpu => memory(AllocationDevice::CPU, 0)?,
-            ExecutionProvider::Cuda(CudaOptions { device_id })
+            ExecutionProvider::Cuda(CudaOptions { device_id, .. })
             | ExecutionProvider::TensorRt(TensorRtOptions { device_id, .. }) => {
                 memory(AllocationDevice::CUDA, *device_id as i32)?
             }
@@ -435,12 +492,23 @@ impl OrtEngine {
             device,
             host: memory(AllocationDevice::CPU, 0)?,
             resident_outputs: options.resident_outputs.iter().cloned().collect(),
+            fixed_step: options
+                .fixed_step_buffers
+                .as_deref()
+                .map(|carried| Box::new(FixedStep::new(carried))),
         })
     }
 
     /// The ONNX Runtime library in use.
     pub fn library(&self) -> &Path {
         &self.library
+    }
+
+    /// With [`OrtOptions::fixed_step_buffers`], the bytes copied into the step's buffers so
+    /// far: every call's host inputs, plus a cache that was not the previous call's output
+    /// (the prefill's, once per generation). `None` without fixed buffers.
+    pub fn staged_bytes(&self) -> Option<u64> {
+        self.fixed_step.as_ref().map(|fixed| fixed.staged_bytes())
     }
 }
 
@@ -505,8 +573,10 @@ fn with_provider(
                 .fold(ep::TensorRT::default(), |ep, (k, v)| {
                     ep.with_arbitrary_config(k, v)
                 });
+            // TensorRT captures a graph only when it runs every node.
             let fallback = CudaOptions {
                 device_id: options.device_id,
+                cuda_graph: false,
             };
             vec![trt.build().error_on_failure(), cuda(&fallback)]
         }
@@ -570,6 +640,7 @@ impl SessionFactory<'_> {
                 path.to_path_buf(),
                 ExecutionProvider::Cuda(CudaOptions {
                     device_id: trt.device_id,
+                    cuda_graph: false,
                 }),
             ),
             ExecutionProvider::TensorRt(trt) => match trt.ep_context_model(path) {
@@ -584,6 +655,11 @@ impl SessionFactory<'_> {
             },
             _ => (path.to_path_buf(), options.provider.clone()),
         };
+        // Only the step runs on fixed buffers; the other graphs' inputs move.
+        let provider = match graph {
+            GraphKind::Step => provider,
+            _ => provider.without_cuda_graph(),
+        };
         let mut builder = with_provider(builder, &provider, profile).map_err(|e| {
             RuntimeError::Provider(format!(
                 "the {} provider of the ONNX Runtime at {} could not start: {e}. It needs {}; \
@@ -593,9 +669,15 @@ impl SessionFactory<'_> {
                 options.provider.needs()
             ))
         })?;
-        builder
-            .commit_from_file(&path)
-            .map_err(|e| fail("loading", &e))
+        builder.commit_from_file(&path).map_err(|e| {
+            // ONNX Runtime refuses to capture a graph some of whose nodes it placed elsewhere.
+            let hint = if provider.cuda_graph() {
+                " (with CUDA graphs on: --no-cuda-graph runs the step without them)"
+            } else {
+                ""
+            };
+            fail("loading", &format!("{e}{hint}"))
+        })
     }
 }
 
@@ -674,6 +756,9 @@ impl Engine for OrtEngine {
             .get_mut(&graph)
             .ok_or_else(|| super::not_loaded(BACKEND, graph))?;
         check_inputs(session, graph, &inputs)?;
+        if let (GraphKind::Step, Some(fixed)) = (graph, self.fixed_step.as_mut()) {
+            return fixed.run(session, &self.device, inputs);
+        }
         let fail = |what: &str, e: ort::Error| {
             RuntimeError::backend(BACKEND, format!("{what} the {graph} graph: {e}"))
         };
@@ -1009,6 +1094,88 @@ mod tests {
         let x = e.upload(HostTensor::F32(vec![0, 3], vec![])).unwrap();
         let out = e.run(GraphKind::Step, vec![("x".into(), x)]).unwrap();
         assert_eq!(e.download_f32(&out["y"]).unwrap(), (vec![0, 3], vec![]));
+    }
+
+    /// The address of a value's data.
+    fn address(value: &DynValue) -> usize {
+        value
+            .view()
+            .downcast::<DynTensorValueType>()
+            .unwrap()
+            .data_ptr() as usize
+    }
+
+    #[test]
+    fn fixed_step_buffers_alternate_without_copying_what_is_fed_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let library = library();
+        let (prefill, step) = write_model(dir.path());
+        let paths = [
+            (GraphKind::Prefill, prefill.as_path()),
+            (GraphKind::Step, step.as_path()),
+        ];
+        let options = OrtOptions {
+            library: Some(library),
+            intra_threads: Some(1),
+            fixed_step_buffers: Some(vec![("y".into(), "x".into())]),
+            ..OrtOptions::default()
+        };
+        let mut e = OrtEngine::load(&paths, &options).unwrap();
+        assert_eq!(e.staged_bytes(), Some(0));
+
+        // The prefill's output is copied into the buffers once (2 × 3 floats).
+        let mut y = e
+            .run(GraphKind::Prefill, prefill_inputs(&e))
+            .unwrap()
+            .remove("y")
+            .unwrap();
+        let mut addresses = Vec::new();
+        for _ in 0..4 {
+            y = e
+                .run(GraphKind::Step, vec![("x".into(), y)])
+                .unwrap()
+                .remove("y")
+                .unwrap();
+            addresses.push(address(&y));
+        }
+        assert_eq!(
+            e.download_f32(&y).unwrap(),
+            (vec![2, 3], vec![51.0, 102.0, 153.0, 54.0, 105.0, 156.0])
+        );
+        assert_eq!(e.staged_bytes(), Some(24));
+        // Two sets, taken in turn.
+        assert_ne!(addresses[0], addresses[1]);
+        assert_eq!(addresses[0], addresses[2]);
+        assert_eq!(addresses[1], addresses[3]);
+
+        // Another batch gets buffers of its own; a host input is copied every call.
+        let x = e.upload(HostTensor::F32(vec![1, 3], vec![0.0; 3])).unwrap();
+        let y = e.run(GraphKind::Step, vec![("x".into(), x)]).unwrap();
+        assert_eq!(
+            e.download_f32(&y["y"]).unwrap(),
+            (vec![1, 3], vec![10.0, 20.0, 30.0])
+        );
+        assert_eq!(e.staged_bytes(), Some(24 + 12));
+    }
+
+    #[test]
+    fn reads_the_version_the_library_reports() {
+        let library = library();
+        let version = runtime_version(&library).unwrap();
+        assert!(version >= vec![1, 17], "{version:?}");
+        // A wheel's file name carries the version too.
+        let named = library_version(&library);
+        if !named.is_empty() {
+            assert_eq!(version, named);
+        }
+        assert!(check_cuda_graph_support(&version, &library).is_ok() == (version >= vec![1, 18]));
+        let message = error_of(check_cuda_graph_support(&[1, 17, 3], &library));
+        assert!(
+            message.contains("1.17.3") && message.contains("--no-cuda-graph"),
+            "{message}"
+        );
+        assert!(check_cuda_graph_support(&[1, 18, 0], &library).is_ok());
+        assert!(check_cuda_graph_support(&[2, 0], &library).is_ok());
     }
 
     #[test]

@@ -43,6 +43,31 @@ impl ExecutionProvider {
             }
         }
     }
+
+    /// Whether sessions on this provider replay CUDA graphs.
+    pub fn cuda_graph(&self) -> bool {
+        match self {
+            ExecutionProvider::Cpu => false,
+            ExecutionProvider::Cuda(options) => options.cuda_graph,
+            ExecutionProvider::TensorRt(options) => options.cuda_graph,
+        }
+    }
+
+    /// The same provider without CUDA graphs, for the sessions whose inputs do not stay at
+    /// fixed addresses (the prefill, the selection graph, the decoder).
+    pub fn without_cuda_graph(&self) -> Self {
+        match self {
+            ExecutionProvider::Cpu => ExecutionProvider::Cpu,
+            ExecutionProvider::Cuda(options) => ExecutionProvider::Cuda(CudaOptions {
+                cuda_graph: false,
+                ..options.clone()
+            }),
+            ExecutionProvider::TensorRt(options) => ExecutionProvider::TensorRt(TensorRtOptions {
+                cuda_graph: false,
+                ..options.clone()
+            }),
+        }
+    }
 }
 
 impl fmt::Display for ExecutionProvider {
@@ -58,13 +83,24 @@ impl fmt::Display for ExecutionProvider {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CudaOptions {
     pub device_id: u32,
+    /// Capture the session's run as a CUDA graph and replay it (the step graph of a static
+    /// export; see [`super::ort::OrtOptions::fixed_step_buffers`]).
+    pub cuda_graph: bool,
 }
 
 impl CudaOptions {
     /// `OrtCUDAProviderOptionsV2` keys and values.
     pub fn provider_options(&self) -> Vec<(&'static str, String)> {
-        vec![("device_id", self.device_id.to_string())]
+        vec![
+            ("device_id", self.device_id.to_string()),
+            ("enable_cuda_graph", flag(self.cuda_graph)),
+        ]
     }
+}
+
+/// ONNX Runtime's spelling of a boolean provider option.
+fn flag(on: bool) -> String {
+    if on { "1" } else { "0" }.to_string()
 }
 
 /// TensorRT's builder optimisation levels (0 builds fastest, 5 searches longest).
@@ -93,6 +129,9 @@ pub struct TensorRtOptions {
     /// the engine file) is written, and looked for on later runs: a board given the folder
     /// loads engines without the ONNX parser or a rebuild. Goes with the engine cache.
     pub ep_context: Option<PathBuf>,
+    /// Replay the engines as CUDA graphs (as [`CudaOptions::cuda_graph`]; TensorRT needs the
+    /// whole graph in its engines for it).
+    pub cuda_graph: bool,
 }
 
 /// Where TensorRT's INT8 ranges come from.
@@ -117,6 +156,7 @@ impl Default for TensorRtOptions {
             timing_cache: None,
             int8: None,
             ep_context: None,
+            cuda_graph: false,
         }
     }
 }
@@ -149,7 +189,6 @@ impl TensorRtOptions {
     /// profile of its graph so that TensorRT builds one engine for the whole range of shapes
     /// a generation goes through instead of rebuilding mid-generation.
     pub fn provider_options(&self, profile: Option<&ProfileShapes>) -> Vec<(&'static str, String)> {
-        let flag = |on: bool| if on { "1" } else { "0" }.to_string();
         let mut options = vec![
             ("device_id", self.device_id.to_string()),
             ("trt_fp16_enable", flag(self.fp16)),
@@ -160,6 +199,7 @@ impl TensorRtOptions {
             ),
             ("trt_engine_cache_enable", flag(self.engine_cache.is_some())),
             ("trt_timing_cache_enable", flag(self.timing_cache.is_some())),
+            ("trt_cuda_graph_enable", flag(self.cuda_graph)),
         ];
         if let Some(bytes) = self.workspace_bytes {
             options.push(("trt_max_workspace_size", bytes.to_string()));
@@ -275,6 +315,7 @@ mod tests {
                 "/models/b/calibration.flatbuffers",
             ))),
             ep_context: Some(PathBuf::from("/models/b/trt-cache")),
+            cuda_graph: true,
         };
         let shapes = ProfileShapes {
             min: "tokens:1x1".into(),
@@ -298,6 +339,7 @@ mod tests {
             ("trt_dump_ep_context_model", "1"),
             ("trt_ep_context_file_path", "/models/b/trt-cache"),
             ("trt_ep_context_embed_mode", "0"),
+            ("trt_cuda_graph_enable", "1"),
             ("trt_int8_enable", "1"),
             (
                 "trt_int8_calibration_table_name",
@@ -325,6 +367,7 @@ mod tests {
         assert!(!plain.contains_key("trt_max_workspace_size"));
         assert!(!plain.contains_key("trt_int8_enable"));
         assert!(!plain.contains_key("trt_dump_ep_context_model"));
+        assert_eq!(plain["trt_cuda_graph_enable"], "0");
 
         // A QDQ model carries its ranges: INT8 on, no table.
         let qdq: BTreeMap<&str, String> = TensorRtOptions {
@@ -358,9 +401,50 @@ mod tests {
 
     #[test]
     fn cuda_options_map_to_onnxruntime_keys() {
+        let options = CudaOptions {
+            device_id: 3,
+            cuda_graph: true,
+        };
         assert_eq!(
-            CudaOptions { device_id: 3 }.provider_options(),
-            vec![("device_id", "3".to_string())]
+            options.provider_options(),
+            vec![
+                ("device_id", "3".to_string()),
+                ("enable_cuda_graph", "1".to_string())
+            ]
         );
+        assert_eq!(
+            CudaOptions::default().provider_options()[1],
+            ("enable_cuda_graph", "0".to_string())
+        );
+    }
+
+    #[test]
+    fn only_sessions_asked_to_replay_cuda_graphs() {
+        let cuda = ExecutionProvider::Cuda(CudaOptions {
+            device_id: 1,
+            cuda_graph: true,
+        });
+        let trt = ExecutionProvider::TensorRt(TensorRtOptions {
+            cuda_graph: true,
+            fp16: true,
+            ..TensorRtOptions::default()
+        });
+        assert!(cuda.cuda_graph() && trt.cuda_graph());
+        assert_eq!(
+            cuda.without_cuda_graph(),
+            ExecutionProvider::Cuda(CudaOptions {
+                device_id: 1,
+                cuda_graph: false
+            })
+        );
+        // Everything else is kept.
+        assert_eq!(
+            trt.without_cuda_graph(),
+            ExecutionProvider::TensorRt(TensorRtOptions {
+                fp16: true,
+                ..TensorRtOptions::default()
+            })
+        );
+        assert!(!ExecutionProvider::Cpu.cuda_graph());
     }
 }
