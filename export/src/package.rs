@@ -173,6 +173,15 @@ fn readme(manifest: &Manifest, files: &[String]) -> String {
         grid = grid.join("×"),
         dtype = manifest.dtype,
     );
+    if manifest.cuda_graph {
+        text.push_str(
+            "## CUDA graphs
+
+             The step's shapes are static, so on `cuda` and `tensorrt` each step call is              captured once as a CUDA graph and replayed. That needs ONNX Runtime 1.18 or newer;              with an older one, or if ONNX Runtime refuses the session, pass `--no-cuda-graph`.
+
+",
+        );
+    }
     if engines {
         text.push_str(
             "## Prebuilt TensorRT engines\n\n\

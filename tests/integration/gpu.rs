@@ -166,6 +166,24 @@ fn cuda_graphs_replay_static_exports_on_gpu_providers_only() {
     }
     let output = narx(&["inspect", fixed_arg]);
     assert!(stdout(&output).contains("CUDA graphs on cuda and tensorrt: on"));
+    // A bundle of it tells the board what CUDA graphs need.
+    let bundle = temp.path().join("static.tar");
+    let output = narx(&["package", fixed_arg, "-o", bundle.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let mut archive = tar::Archive::new(std::fs::File::open(&bundle).unwrap());
+    let mut readme = String::new();
+    for entry in archive.entries().unwrap() {
+        let mut entry = entry.unwrap();
+        if entry.path().unwrap().ends_with("README.md") {
+            std::io::Read::read_to_string(&mut entry, &mut readme).unwrap();
+        }
+    }
+    assert!(
+        readme.contains("## CUDA graphs")
+            && readme.contains("1.18")
+            && readme.contains("--no-cuda-graph"),
+        "{readme}"
+    );
 
     // A manifest that claims CUDA graphs for growing shapes is refused.
     let path = Manifest::path(&growing);
@@ -233,6 +251,7 @@ fn packages_are_complete_bundles_that_run() {
             "README lacks {needle:?}:\n{readme}"
         );
     }
+    assert!(!readme.contains("CUDA graphs"), "{readme}");
     let output = narx(&[
         "run",
         bundle.to_str().unwrap(),
