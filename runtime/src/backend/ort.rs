@@ -982,6 +982,10 @@ mod tests {
     }
 
     fn engine(dir: &Path) -> OrtEngine {
+        engine_with(dir, OrtOptions::default())
+    }
+
+    fn engine_with(dir: &Path, options: OrtOptions) -> OrtEngine {
         let library = library();
         let (prefill, step) = write_model(dir);
         let paths = [
@@ -991,7 +995,7 @@ mod tests {
         let options = OrtOptions {
             library: Some(library),
             intra_threads: Some(1),
-            ..OrtOptions::default()
+            ..options
         };
         OrtEngine::load(&paths, &options).unwrap()
     }
@@ -1108,19 +1112,11 @@ mod tests {
     #[test]
     fn fixed_step_buffers_alternate_without_copying_what_is_fed_back() {
         let dir = tempfile::tempdir().unwrap();
-        let library = library();
-        let (prefill, step) = write_model(dir.path());
-        let paths = [
-            (GraphKind::Prefill, prefill.as_path()),
-            (GraphKind::Step, step.as_path()),
-        ];
         let options = OrtOptions {
-            library: Some(library),
-            intra_threads: Some(1),
             fixed_step_buffers: Some(vec![("y".into(), "x".into())]),
             ..OrtOptions::default()
         };
-        let mut e = OrtEngine::load(&paths, &options).unwrap();
+        let mut e = engine_with(dir.path(), options);
         assert_eq!(e.staged_bytes(), Some(0));
 
         // The prefill's output is copied into the buffers once (2 × 3 floats).
