@@ -197,6 +197,16 @@ fn as_paths(files: &[(GraphKind, PathBuf)]) -> Vec<(GraphKind, &Path)> {
     files.iter().map(|(k, p)| (*k, p.as_path())).collect()
 }
 
+/// The same call on whichever generator an [`AnyGenerator`] holds.
+macro_rules! on_either {
+    ($generator:expr, $g:ident => $call:expr) => {
+        match $generator {
+            AnyGenerator::Tract($g) => $call,
+            AnyGenerator::Ort($g) => $call,
+        }
+    };
+}
+
 /// A generator on whichever backend was chosen.
 pub enum AnyGenerator {
     Tract(Generator<TractEngine>),
@@ -313,39 +323,24 @@ impl AnyGenerator {
     }
 
     pub fn manifest(&self) -> &Manifest {
-        match self {
-            AnyGenerator::Tract(g) => g.manifest(),
-            AnyGenerator::Ort(g) => g.manifest(),
-        }
+        on_either!(self, g => g.manifest())
     }
 
     pub fn engine_name(&self) -> String {
-        match self {
-            AnyGenerator::Tract(g) => g.engine_name(),
-            AnyGenerator::Ort(g) => g.engine_name(),
-        }
+        on_either!(self, g => g.engine_name())
     }
 
     /// Decodes token grids into pictures or clips with the model's decoder.
     pub fn decode(&mut self, tokens: &[Vec<u32>], grid: &[usize]) -> Result<Decoded, RuntimeError> {
-        match self {
-            AnyGenerator::Tract(g) => g.decode(tokens, grid),
-            AnyGenerator::Ort(g) => g.decode(tokens, grid),
-        }
+        on_either!(self, g => g.decode(tokens, grid))
     }
 
     pub fn order(&self) -> Order {
-        match self {
-            AnyGenerator::Tract(g) => g.order(),
-            AnyGenerator::Ort(g) => g.order(),
-        }
+        on_either!(self, g => g.order())
     }
 
     pub fn plan(&self) -> &WavefrontPlan {
-        match self {
-            AnyGenerator::Tract(g) => g.plan(),
-            AnyGenerator::Ort(g) => g.plan(),
-        }
+        on_either!(self, g => g.plan())
     }
 
     pub fn calls(&self) -> usize {
@@ -358,10 +353,7 @@ impl AnyGenerator {
         options: &GenerateOptions,
         report: &mut dyn FnMut(&CallReport),
     ) -> Result<Generation, RuntimeError> {
-        match self {
-            AnyGenerator::Tract(g) => g.generate(prompts, options, report),
-            AnyGenerator::Ort(g) => g.generate(prompts, options, report),
-        }
+        on_either!(self, g => g.generate(prompts, options, report))
     }
 
     /// See [`Generator::generate_forced`].
@@ -372,10 +364,7 @@ impl AnyGenerator {
         forced: &[Vec<u32>],
         report: &mut dyn FnMut(&CallReport),
     ) -> Result<Generation, RuntimeError> {
-        match self {
-            AnyGenerator::Tract(g) => g.generate_forced(prompts, options, forced, report),
-            AnyGenerator::Ort(g) => g.generate_forced(prompts, options, forced, report),
-        }
+        on_either!(self, g => g.generate_forced(prompts, options, forced, report))
     }
 
     /// See [`Generator::generate_observing`].
@@ -386,9 +375,6 @@ impl AnyGenerator {
         report: &mut dyn FnMut(&CallReport),
         observe: &mut OutputObserver<'_>,
     ) -> Result<Generation, RuntimeError> {
-        match self {
-            AnyGenerator::Tract(g) => g.generate_observing(prompts, options, report, observe),
-            AnyGenerator::Ort(g) => g.generate_observing(prompts, options, report, observe),
-        }
+        on_either!(self, g => g.generate_observing(prompts, options, report, observe))
     }
 }
