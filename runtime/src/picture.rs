@@ -45,6 +45,23 @@ pub fn to_u8(x: f32) -> u8 {
     (normalized * 255.0 + 0.5).clamp(0.0, 255.0) as u8
 }
 
+/// A `w × h` RGB image from its three float planes, each value converted by `to_u8`; `None`
+/// when the planes do not hold `w × h` values.
+pub(crate) fn interleave(
+    [r, g, b]: [&[f32]; 3],
+    w: u32,
+    h: u32,
+    to_u8: fn(f32) -> u8,
+) -> Option<RgbImage> {
+    let data = r
+        .iter()
+        .zip(g)
+        .zip(b)
+        .flat_map(|((&r, &g), &b)| [to_u8(r), to_u8(g), to_u8(b)])
+        .collect();
+    RgbImage::from_raw(w, h, data)
+}
+
 /// Turns decoder output (NCHW float32, nominally in [-1, 1]) into one RGB image per batch item.
 ///
 /// A wrong length or channel count means the decoder graph produced something other than
@@ -58,13 +75,7 @@ pub fn to_pixels(image: &[f32], shape: [usize; 4]) -> Result<Vec<RgbImage>, Runt
         .map(|item| {
             let (r, rest) = item.split_at(plane);
             let (g, b) = rest.split_at(plane);
-            let data = r
-                .iter()
-                .zip(g)
-                .zip(b)
-                .flat_map(|((&r, &g), &b)| [to_u8(r), to_u8(g), to_u8(b)])
-                .collect();
-            RgbImage::from_raw(w, h, data)
+            interleave([r, g, b], w, h, to_u8)
         })
         .collect::<Option<Vec<_>>>()
         .ok_or_else(|| bad(format!("shape {shape:?} does not form images")))

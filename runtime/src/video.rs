@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use image::RgbImage;
 
-use crate::picture::{check_rgb_output, contact_sheet, write_gif, write_png};
+use crate::picture::{check_rgb_output, contact_sheet, interleave, write_gif, write_png};
 use crate::RuntimeError;
 
 /// Frame rate upstream writes its clips at.
@@ -42,14 +42,7 @@ pub fn to_clips(video: &[f32], shape: [usize; 5]) -> Result<Vec<Clip>, RuntimeEr
             (0..frames)
                 .map(|f| {
                     let at = |c: usize| &item[c * channel + f * plane..][..plane];
-                    let (r, g, b) = (at(0), at(1), at(2));
-                    let data = r
-                        .iter()
-                        .zip(g)
-                        .zip(b)
-                        .flat_map(|((&r, &g), &b)| [to_u8(r), to_u8(g), to_u8(b)])
-                        .collect();
-                    RgbImage::from_raw(w, h, data)
+                    interleave([at(0), at(1), at(2)], w, h, to_u8)
                 })
                 .collect::<Option<Clip>>()
         })
