@@ -194,12 +194,13 @@ fn check_cuda_graph_support(version: &[u64], library: &Path) -> Result<(), Runti
     if version >= &CUDA_GRAPH_VERSION[..] {
         return Ok(());
     }
-    let text: Vec<String> = version.iter().map(u64::to_string).collect();
+    let dotted = |v: &[u64]| v.iter().map(u64::to_string).collect::<Vec<_>>().join(".");
     Err(RuntimeError::Provider(format!(
-        "CUDA graphs need ONNX Runtime 1.18 or newer; the one at {} is {}. Pass \
+        "CUDA graphs need ONNX Runtime {} or newer; the one at {} is {}. Pass \
          --no-cuda-graph, or use a newer ONNX Runtime",
+        dotted(&CUDA_GRAPH_VERSION),
         library.display(),
-        text.join(".")
+        dotted(version)
     )))
 }
 
@@ -625,7 +626,12 @@ impl SessionFactory<'_> {
             .with_optimization_level(GraphOptimizationLevel::All)
             .map_err(|e| fail("setting the optimisation level", &e))?
             .with_prepacked_weights(&self.prepacked)
-            .map_err(|e| fail("sharing prepacked weights", &e))?;
+            .map_err(|e| fail("sharing prepacked weights", &e))?
+            // ONNX Runtime's workers spin for a while after each parallel section; after a
+            // run that spinning would compete with the host's sampling on the same cores
+            // (it doubled the sampling time on two cores). They spin within a run only.
+            .with_config_entry("session.force_spinning_stop", "1")
+            .map_err(|e| fail("stopping idle threads after each run", &e))?;
         let builder = match options.intra_threads {
             Some(n) => builder
                 .with_intra_threads(n)

@@ -21,10 +21,8 @@ use ort::memory::{Allocator, MemoryInfo};
 use ort::session::{RunOptions, Session};
 use ort::value::{DynTensor, DynTensorValueType, DynValue, TensorElementType, ValueType};
 
+use super::BACKEND;
 use crate::RuntimeError;
-
-/// Backend name used in error messages.
-const BACKEND: &str = "onnxruntime";
 
 /// The fixed buffers of one step session and what feeds what.
 pub(super) struct FixedStep {
