@@ -175,11 +175,10 @@ fn readme(manifest: &Manifest, files: &[String]) -> String {
     );
     if manifest.cuda_graph {
         text.push_str(
-            "## CUDA graphs
-
-             The step's shapes are static, so on `cuda` and `tensorrt` each step call is              captured once as a CUDA graph and replayed. That needs ONNX Runtime 1.18 or newer;              with an older one, or if ONNX Runtime refuses the session, pass `--no-cuda-graph`.
-
-",
+            "## CUDA graphs\n\n\
+             The step's shapes are static, so on `--provider cuda` each step call is captured \
+             once as a CUDA graph and replayed. That needs ONNX Runtime 1.18 or newer; with an \
+             older one, or if ONNX Runtime refuses the session, pass `--no-cuda-graph`.\n\n",
         );
     }
     if engines {

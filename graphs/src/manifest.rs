@@ -75,8 +75,7 @@ pub struct Manifest {
     /// TensorRT builder settings `narx run --provider tensorrt` starts from (flags override).
     #[serde(default)]
     pub tensorrt: TensorRtSettings,
-    /// Replay each step call as a CUDA graph under the CUDA and TensorRT providers (flags
-    /// override). Static exports set it: their step shapes stay the same for a whole
+    /// Replay each step call as a CUDA graph under the CUDA provider (flags override). Static exports set it: their step shapes stay the same for a whole
     /// generation, which is what a captured graph needs.
     #[serde(default)]
     pub cuda_graph: bool,

@@ -53,8 +53,8 @@ pub struct GpuOptions {
 }
 
 impl GpuOptions {
-    /// Whether the step replays as CUDA graphs on a GPU: as asked, else as the manifest
-    /// says. Asking for it of a model whose shapes change from call to call is an error.
+    /// Whether the step replays as CUDA graphs on the CUDA provider: as asked, else as the
+    /// manifest says. Asking for it of a model whose shapes change from call to call is an error.
     pub fn cuda_graph(&self, manifest: &Manifest) -> Result<bool, RuntimeError> {
         match self.cuda_graph {
             Some(true) if manifest.kv_cache.layout != CacheLayout::Static => {
@@ -101,7 +101,6 @@ impl GpuOptions {
             timing_cache: cache(&settings.timing_cache),
             int8: self.int8.clone(),
             ep_context: cache(&settings.engine_cache),
-            cuda_graph: self.cuda_graph(manifest)?,
         };
         options.validate()?;
         Ok(options)
@@ -242,11 +241,11 @@ impl AnyGenerator {
             .collect();
         let cuda = ExecutionProvider::Cuda(options.gpu.cuda(&manifest)?);
         let tensorrt = ExecutionProvider::TensorRt(options.gpu.tensorrt(&manifest, dir)?);
-        if options.gpu.cuda_graph == Some(true)
-            && matches!(provider, Provider::Tract | Provider::Cpu)
-        {
+        if options.gpu.cuda_graph == Some(true) && provider != Provider::Cuda {
             return Err(RuntimeError::BadInput(
-                "CUDA graphs are for --provider cuda or tensorrt".into(),
+                "CUDA graphs are for --provider cuda: the step alternates between two \
+                 captured graphs, and ONNX Runtime's TensorRT provider keeps only one"
+                    .into(),
             ));
         }
         // The candidates in order of preference; `auto` takes the first that starts.

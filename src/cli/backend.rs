@@ -57,8 +57,8 @@ pub struct BackendArgs {
     /// table for the float graphs, or its int8/ QDQ model).
     #[arg(long)]
     trt_int8: bool,
-    /// cuda, tensorrt: capture each step call as a CUDA graph and replay it (the default for
-    /// a `--static` export, whose shapes allow it).
+    /// cuda: capture each step call as a CUDA graph and replay it (the default for a
+    /// `--static` export, whose shapes allow it).
     #[arg(long, conflicts_with = "no_cuda_graph")]
     cuda_graph: bool,
     /// Launch every kernel of every call instead of replaying CUDA graphs.

@@ -150,7 +150,7 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
         cache(&trt.timing_cache)
     );
     println!(
-        "  CUDA graphs on cuda and tensorrt: {}",
+        "  CUDA graphs on the cuda provider: {}",
         if m.cuda_graph {
             "on (the step's shapes are static)"
         } else {

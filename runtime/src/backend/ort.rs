@@ -574,7 +574,6 @@ fn with_provider(
                 .fold(ep::TensorRT::default(), |ep, (k, v)| {
                     ep.with_arbitrary_config(k, v)
                 });
-            // TensorRT captures a graph only when it runs every node.
             let fallback = CudaOptions {
                 device_id: options.device_id,
                 cuda_graph: false,

@@ -44,28 +44,21 @@ impl ExecutionProvider {
         }
     }
 
-    /// Whether sessions on this provider replay CUDA graphs.
+    /// Whether sessions on this provider replay CUDA graphs (only CUDA's can: see
+    /// [`CudaOptions::cuda_graph`]).
     pub fn cuda_graph(&self) -> bool {
-        match self {
-            ExecutionProvider::Cpu => false,
-            ExecutionProvider::Cuda(options) => options.cuda_graph,
-            ExecutionProvider::TensorRt(options) => options.cuda_graph,
-        }
+        matches!(self, ExecutionProvider::Cuda(options) if options.cuda_graph)
     }
 
     /// The same provider without CUDA graphs, for the sessions whose inputs do not stay at
     /// fixed addresses (the prefill, the selection graph, the decoder).
     pub fn without_cuda_graph(&self) -> Self {
         match self {
-            ExecutionProvider::Cpu => ExecutionProvider::Cpu,
             ExecutionProvider::Cuda(options) => ExecutionProvider::Cuda(CudaOptions {
                 cuda_graph: false,
                 ..options.clone()
             }),
-            ExecutionProvider::TensorRt(options) => ExecutionProvider::TensorRt(TensorRtOptions {
-                cuda_graph: false,
-                ..options.clone()
-            }),
+            other => other.clone(),
         }
     }
 }
@@ -84,7 +77,10 @@ impl fmt::Display for ExecutionProvider {
 pub struct CudaOptions {
     pub device_id: u32,
     /// Capture the session's run as a CUDA graph and replay it (the step graph of a static
-    /// export; see [`super::ort::OrtOptions::fixed_step_buffers`]).
+    /// export; see [`super::ort::OrtOptions::fixed_step_buffers`]). The step needs two
+    /// captured graphs, one per cache buffer set, which ONNX Runtime's CUDA provider keeps
+    /// apart by `gpu_graph_id`; its TensorRT provider keeps one graph per session whatever
+    /// the id, so TensorRT runs without them.
     pub cuda_graph: bool,
 }
 
@@ -129,9 +125,6 @@ pub struct TensorRtOptions {
     /// the engine file) is written, and looked for on later runs: a board given the folder
     /// loads engines without the ONNX parser or a rebuild. Goes with the engine cache.
     pub ep_context: Option<PathBuf>,
-    /// Replay the engines as CUDA graphs (as [`CudaOptions::cuda_graph`]; TensorRT needs the
-    /// whole graph in its engines for it).
-    pub cuda_graph: bool,
 }
 
 /// Where TensorRT's INT8 ranges come from.
@@ -156,7 +149,6 @@ impl Default for TensorRtOptions {
             timing_cache: None,
             int8: None,
             ep_context: None,
-            cuda_graph: false,
         }
     }
 }
@@ -199,7 +191,6 @@ impl TensorRtOptions {
             ),
             ("trt_engine_cache_enable", flag(self.engine_cache.is_some())),
             ("trt_timing_cache_enable", flag(self.timing_cache.is_some())),
-            ("trt_cuda_graph_enable", flag(self.cuda_graph)),
         ];
         if let Some(bytes) = self.workspace_bytes {
             options.push(("trt_max_workspace_size", bytes.to_string()));
@@ -315,7 +306,6 @@ mod tests {
                 "/models/b/calibration.flatbuffers",
             ))),
             ep_context: Some(PathBuf::from("/models/b/trt-cache")),
-            cuda_graph: true,
         };
         let shapes = ProfileShapes {
             min: "tokens:1x1".into(),
@@ -339,7 +329,6 @@ mod tests {
             ("trt_dump_ep_context_model", "1"),
             ("trt_ep_context_file_path", "/models/b/trt-cache"),
             ("trt_ep_context_embed_mode", "0"),
-            ("trt_cuda_graph_enable", "1"),
             ("trt_int8_enable", "1"),
             (
                 "trt_int8_calibration_table_name",
@@ -367,7 +356,6 @@ mod tests {
         assert!(!plain.contains_key("trt_max_workspace_size"));
         assert!(!plain.contains_key("trt_int8_enable"));
         assert!(!plain.contains_key("trt_dump_ep_context_model"));
-        assert_eq!(plain["trt_cuda_graph_enable"], "0");
 
         // A QDQ model carries its ranges: INT8 on, no table.
         let qdq: BTreeMap<&str, String> = TensorRtOptions {
@@ -424,12 +412,8 @@ mod tests {
             device_id: 1,
             cuda_graph: true,
         });
-        let trt = ExecutionProvider::TensorRt(TensorRtOptions {
-            cuda_graph: true,
-            fp16: true,
-            ..TensorRtOptions::default()
-        });
-        assert!(cuda.cuda_graph() && trt.cuda_graph());
+        assert!(cuda.cuda_graph());
+        // Everything else is kept.
         assert_eq!(
             cuda.without_cuda_graph(),
             ExecutionProvider::Cuda(CudaOptions {
@@ -437,14 +421,8 @@ mod tests {
                 cuda_graph: false
             })
         );
-        // Everything else is kept.
-        assert_eq!(
-            trt.without_cuda_graph(),
-            ExecutionProvider::TensorRt(TensorRtOptions {
-                fp16: true,
-                ..TensorRtOptions::default()
-            })
-        );
-        assert!(!ExecutionProvider::Cpu.cuda_graph());
+        let trt = ExecutionProvider::TensorRt(TensorRtOptions::default());
+        assert!(!trt.cuda_graph() && !ExecutionProvider::Cpu.cuda_graph());
+        assert_eq!(trt.without_cuda_graph(), trt);
     }
 }
