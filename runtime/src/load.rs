@@ -192,6 +192,23 @@ fn wants_select(manifest: &Manifest, asked: Option<bool>, gpu: bool) -> Result<b
     }
 }
 
+/// The outputs an ONNX Runtime engine leaves on the provider's device: the KV cache, which
+/// only feeds the next call, and with selection on the device the head logits, which only
+/// feed the selection graph.
+pub fn resident_outputs(manifest: &Manifest, select: bool) -> Vec<String> {
+    let cache = manifest
+        .kv_cache
+        .carried()
+        .into_iter()
+        .map(|(present, _)| present);
+    let heads = manifest
+        .heads
+        .iter()
+        .filter(|_| select)
+        .map(|head| head.output.clone());
+    cache.chain(heads).collect()
+}
+
 fn as_paths(files: &[(GraphKind, PathBuf)]) -> Vec<(GraphKind, &Path)> {
     files.iter().map(|(k, p)| (*k, p.as_path())).collect()
 }
@@ -294,11 +311,7 @@ impl AnyGenerator {
                 select: wants_select(&manifest, options.select_on_device, gpu)?,
             };
             let files = graph_files(dir, &manifest, purpose, choice);
-            // With selection on the device the head logits stay there too.
-            if choice.select {
-                ort.resident_outputs
-                    .extend(manifest.heads.iter().map(|h| h.output.clone()));
-            }
+            ort.resident_outputs = resident_outputs(&manifest, choice.select);
             // The cache of one call is the input of the next at the same address.
             ort.fixed_step_buffers = execution_provider
                 .cuda_graph()

@@ -6,7 +6,7 @@
 use narx_graphs::manifest::{CacheLayout, Manifest};
 use narx_graphs::DType;
 use narx_runtime::backend::providers::ProfileShapes;
-use narx_runtime::load::GpuOptions;
+use narx_runtime::load::{resident_outputs, GpuOptions};
 
 use crate::common::{assert_bad_input, export_fixture, export_fixture_as, narx, stderr, stdout};
 
@@ -70,6 +70,19 @@ fn exports_carry_tensorrt_profiles_covering_every_dynamic_input() {
     );
     let reloaded = Manifest::load(&dir).unwrap();
     assert_eq!(reloaded.tensorrt, manifest.tensorrt);
+
+    // The KV cache stays on the GPU from call to call; the head logits too when the
+    // selection graph runs there.
+    let kept = resident_outputs(&manifest, false);
+    assert_eq!(kept.len(), 2 * manifest.kv_cache.layers);
+    assert!(
+        kept.iter().any(|o| o == "present.0.key") && kept.iter().any(|o| o == "present.2.value")
+    );
+    let with_heads = resident_outputs(&manifest, true);
+    assert!(manifest
+        .heads
+        .iter()
+        .all(|h| with_heads.contains(&h.output)));
 }
 
 #[test]
