@@ -13,8 +13,8 @@
 //! It computes exactly what the runtime does on the host: slot `s` of a produced cell is
 //! its `s`-th contribution (head `h`, input `i` → row `h · width + i` of the concatenated
 //! heads), so the sum runs in the host's order; unused slots add `x · 0 = 0`, which changes
-//! nothing. Then the division by the count and guidance with the same formula. Token ids come back as float32 (exact below 2²⁴), so every output downloads
-//! the same way.
+//! nothing. Then the division by the count and guidance with the same formula. Token ids
+//! come back as float32 (exact below 2²⁴), so every output downloads the same way.
 
 use crate::builder::{Attr, DType, Dim, GraphBuilder};
 use crate::onnx::ModelProto;

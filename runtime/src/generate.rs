@@ -291,7 +291,7 @@ impl<E: Engine> Generator<E> {
             };
             // With a selection graph, the head logits stay where they are and only each
             // cell's top-k guided logits come back.
-            let selected = if self.engine.has(GraphKind::Select) {
+            let call_logits = if self.engine.has(GraphKind::Select) {
                 let guidance = Guidance {
                     rows,
                     prompts: batch,
@@ -300,7 +300,7 @@ impl<E: Engine> Generator<E> {
                     top_k: options.sampling.top_k,
                 };
                 let model = (&self.manifest, self.heads.as_slice());
-                Some(select(
+                CallLogits::Selected(select(
                     &mut self.engine,
                     model,
                     &mut outputs,
@@ -309,11 +309,12 @@ impl<E: Engine> Generator<E> {
                     guidance,
                 )?)
             } else {
-                None
-            };
-            let heads = match selected {
-                Some(_) => Vec::new(),
-                None => self.head_logits(&mut outputs, rows, call.input_len(), returned)?,
+                CallLogits::Heads(self.head_logits(
+                    &mut outputs,
+                    rows,
+                    call.input_len(),
+                    returned,
+                )?)
             };
             if let Some(observe) = observe.as_mut() {
                 for (name, value) in &outputs {
@@ -334,8 +335,8 @@ impl<E: Engine> Generator<E> {
             let model_seconds = started.elapsed().as_secs_f64();
             let started = Instant::now();
             let produced = call.output_len();
-            match selected {
-                None => {
+            match call_logits {
+                CallLogits::Heads(heads) => {
                     let head_refs: Vec<&[f32]> = heads.iter().map(Vec::as_slice).collect();
                     logits.resize(rows * produced * vocab, 0.0);
                     call.assemble(&head_refs, rows, vocab, &mut logits)?;
@@ -344,7 +345,7 @@ impl<E: Engine> Generator<E> {
                 }
                 // The guided logits are known at each cell's candidates; the rest are −∞,
                 // which is what top-k makes of them on the host too.
-                Some(candidates) => {
+                CallLogits::Selected(candidates) => {
                     logits.clear();
                     guided.clear();
                     guided.resize(batch * produced * vocab, f32::NEG_INFINITY);
@@ -682,6 +683,14 @@ fn download_output<E: Engine>(
         ));
     }
     Ok(data)
+}
+
+/// What a call's logits come back as.
+enum CallLogits {
+    /// Each head's logits the plan reads, `(rows, width, vocab)`, on the host.
+    Heads(Vec<Vec<f32>>),
+    /// Each produced cell's top-k guided logits, from the selection graph.
+    Selected(Candidates),
 }
 
 /// What the selection graph needs to guide a call.

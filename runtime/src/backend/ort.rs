@@ -20,7 +20,7 @@ use ort::environment::Environment;
 use ort::ep::{self, ArbitrarilyConfigurableExecutionProvider, ExecutionProvider as _};
 use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::builder::{GraphOptimizationLevel, PrepackedWeights, SessionBuilder};
-use ort::session::Session;
+use ort::session::{Session, SessionOutputs};
 use ort::value::{DynTensor, DynTensorValueType, DynValue, Tensor, TensorElementType, ValueType};
 
 use super::providers::{CudaOptions, ExecutionProvider, ProfileShapes, TensorRtOptions};
@@ -793,16 +793,20 @@ impl Engine for OrtEngine {
         let outputs = session
             .run_binding(&binding)
             .map_err(|e| fail("running", e))?;
-        // The values own their ONNX Runtime memory; the names are copied out of the session.
-        Ok(outputs
-            .into_iter()
-            .map(|(name, value)| (name.to_string(), value))
-            .collect())
+        Ok(by_name(outputs))
     }
 }
 
-/// Rejects a host tensor whose shape does not match its data or does not fit ONNX Runtime's
-/// `i64` dimensions, before ort multiplies the dimensions out (which could overflow).
+/// A run's outputs by name. The values own their ONNX Runtime memory; the names are copied
+/// out of the session.
+fn by_name(outputs: SessionOutputs) -> HashMap<String, DynValue> {
+    outputs
+        .into_iter()
+        .map(|(name, value)| (name.to_string(), value))
+        .collect()
+}
+
+/// ONNX Runtime's element type for a manifest dtype.
 fn element_type(dtype: DType) -> TensorElementType {
     match dtype {
         DType::F32 => TensorElementType::Float32,
@@ -813,6 +817,8 @@ fn element_type(dtype: DType) -> TensorElementType {
     }
 }
 
+/// Rejects a host tensor whose shape does not match its data or does not fit ONNX Runtime's
+/// `i64` dimensions, before ort multiplies the dimensions out (which could overflow).
 fn check_host_shape(tensor: &HostTensor) -> Result<(), RuntimeError> {
     let len = match tensor {
         HostTensor::F32(_, d) => d.len(),

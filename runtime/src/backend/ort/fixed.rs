@@ -21,7 +21,7 @@ use ort::memory::{Allocator, MemoryInfo};
 use ort::session::{RunOptions, Session};
 use ort::value::{DynTensor, DynTensorValueType, DynValue, TensorElementType, ValueType};
 
-use super::BACKEND;
+use super::{by_name, BACKEND};
 use crate::RuntimeError;
 
 /// The fixed buffers of one step session and what feeds what.
@@ -137,10 +137,7 @@ impl FixedStep {
         let outputs = session
             .run_binding_with_options(&binding, &buffers.run_options[parity])
             .map_err(fail("running the step graph"))?;
-        Ok(outputs
-            .into_iter()
-            .map(|(name, value)| (name.to_string(), value))
-            .collect())
+        Ok(by_name(outputs))
     }
 }
 
