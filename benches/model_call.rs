@@ -30,6 +30,7 @@ use narx_runtime::backend::ort::{find_library, OrtEngine, OrtOptions};
 use narx_runtime::backend::tract::TractEngine;
 use narx_runtime::backend::{Engine, GraphKind, HostTensor};
 use narx_runtime::decode::decode;
+use narx_runtime::guidance::CfgSchedule;
 
 /// Side of the latent grid (256 px images).
 const GRID: usize = 16;
@@ -155,7 +156,20 @@ fn carry<V>(manifest: &Manifest, mut outputs: HashMap<String, V>) -> Vec<(String
         .collect()
 }
 
-/// The step graph's token and position inputs for `width` cells from raster index `first`.
+/// The heads' mix for `rows` rows (prompts, then their unconditional half): each prompt's
+/// guided row, as generations project it.
+fn guided_mix<E: Engine>(engine: &E, rows: usize) -> (String, E::Value) {
+    let mix = CfgSchedule::new(4.0, None).unwrap().head_mix(0, rows / 2);
+    (
+        names::HEAD_MIX.to_string(),
+        engine
+            .upload(HostTensor::F32(vec![rows / 2, rows], mix))
+            .unwrap(),
+    )
+}
+
+/// The step graph's token, position and head-mix inputs for `width` cells from raster index
+/// `first`.
 fn step_inputs<E: Engine>(
     engine: &E,
     rows: usize,
@@ -178,6 +192,7 @@ fn step_inputs<E: Engine>(
                 .upload(HostTensor::I64(vec![width], positions))
                 .unwrap(),
         ),
+        guided_mix(engine, rows),
     ]
 }
 
@@ -209,7 +224,10 @@ fn half_grid_cache<E: Engine>(
     let prefill = engine
         .run(
             GraphKind::Prefill,
-            vec![(names::CLASS_LABELS.to_string(), labels)],
+            vec![
+                (names::CLASS_LABELS.to_string(), labels),
+                guided_mix(engine, rows),
+            ],
         )
         .unwrap();
     let mut inputs = carry(manifest, prefill);

@@ -1,6 +1,7 @@
 //! Which tensors calibration observes, and the calibration build of a graph that hands them
-//! out: every activation (an input that is not a weight) of a MatMul, Gemm or Conv node,
-//! added as an extra graph output, so the engine returns it at every call.
+//! out: every activation (an input that is neither a weight nor a graph input, such as the
+//! heads' row mix) of a MatMul, Gemm or Conv node, added as an extra graph output, so the
+//! engine returns it at every call.
 
 use std::collections::{BTreeMap, HashSet};
 
@@ -18,10 +19,11 @@ pub fn activation_inputs(model: &ModelProto) -> Vec<String> {
     let Some(graph) = &model.graph else {
         return Vec::new();
     };
-    let weights: HashSet<&str> = graph
+    let not_activations: HashSet<&str> = graph
         .initializer
         .iter()
         .filter_map(|t| t.name.as_deref())
+        .chain(graph.input.iter().filter_map(|i| i.name.as_deref()))
         .collect();
     let mut seen = HashSet::new();
     graph
@@ -29,7 +31,7 @@ pub fn activation_inputs(model: &ModelProto) -> Vec<String> {
         .iter()
         .filter(|n| QUANTISED_OPS.contains(&n.op_type.as_deref().unwrap_or("")))
         .flat_map(|n| n.input.iter().take(2))
-        .filter(|name| !name.is_empty() && !weights.contains(name.as_str()))
+        .filter(|name| !name.is_empty() && !not_activations.contains(name.as_str()))
         .filter(|name| seen.insert(name.to_string()))
         .cloned()
         .collect()
@@ -113,6 +115,7 @@ mod tests {
                     node("MatMul", &["x", "w.T"], "y"),
                     node("Add", &["y", "bias"], "z"),
                     node("MatMul", &["q", "k"], "scores"),
+                    node("MatMul", &["mix", "rows"], "mixed"),
                     node("Gemm", &["x", "w2", "c"], "g"),
                     node("Conv", &["img", "kernel", "kernel_bias"], "c1"),
                 ],
@@ -123,12 +126,16 @@ mod tests {
                         ..Default::default()
                     })
                     .collect(),
+                input: vec![ValueInfoProto {
+                    name: Some("mix".into()),
+                    ..Default::default()
+                }],
                 ..Default::default()
             }),
             ..Default::default()
         };
         let tensors = activation_inputs(&model);
-        assert_eq!(tensors, ["x", "q", "k", "img"]);
+        assert_eq!(tensors, ["x", "q", "k", "rows", "img"]);
         expose(&mut model, &tensors);
         expose(&mut model, &tensors);
         let outputs: Vec<_> = model
@@ -139,7 +146,7 @@ mod tests {
             .iter()
             .map(|o| o.name.clone().unwrap())
             .collect();
-        assert_eq!(outputs, ["x", "q", "k", "img"]);
+        assert_eq!(outputs, ["x", "q", "k", "rows", "img"]);
     }
 
     #[test]

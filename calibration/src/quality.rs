@@ -56,7 +56,8 @@ pub fn compare(
     load: &LoadOptions,
 ) -> Result<Quality, CalibrationError> {
     let run_error = |e: narx_runtime::RuntimeError| CalibrationError::Run(e.to_string());
-    // The comparison reads every call's full logits, so they are selected on the host.
+    // The comparison reads every call's full logits, so they are selected on the host, and
+    // both halves before guidance.
     let load = LoadOptions {
         select_on_device: Some(false),
         ..load.clone()
@@ -72,6 +73,7 @@ pub fn compare(
             greedy: true,
             ..options.sampling
         },
+        unguided_logits: true,
         ..options.clone()
     };
     let vocab = float.manifest().vocab_size;

@@ -448,6 +448,7 @@ impl Manifest {
         let (cells, widest) = (spec.cells(), spec.widest_wavefront());
         let ranges: BTreeMap<&str, (usize, usize, usize)> = [
             (nar::dims::BATCH, (1, 2, rows)),
+            (nar::dims::HEAD_ROWS, (1, 1, rows)),
             (nar::dims::WIDTH, (1, widest, widest)),
             (nar::dims::PAST, (c, c + cells / 2, c + cells - 1)),
         ]

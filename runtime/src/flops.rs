@@ -6,9 +6,15 @@ use narx_graphs::nar::{ModelArgs, ModelConfig};
 use crate::scheduler::WavefrontPlan;
 
 /// Matmul FLOPs (2 per multiply-add) of one full generation of a NAR model with `rows`
-/// model-batch rows (prompts × 2 with guidance). Element-wise work is left out: it is a few
+/// model-batch rows (prompts × 2 with guidance) whose heads project `head_rows` rows
+/// ([`crate::generate::Generator::head_rows`]). Element-wise work is left out: it is a few
 /// percent.
-pub fn generation_flops(config: &ModelConfig, plan: &WavefrontPlan, rows: usize) -> f64 {
+pub fn generation_flops(
+    config: &ModelConfig,
+    plan: &WavefrontPlan,
+    rows: usize,
+    head_rows: usize,
+) -> f64 {
     let shape = config.transformer();
     let d = shape.dim as f64;
     let f = shape.ffn_hidden() as f64;
@@ -32,20 +38,21 @@ pub fn generation_flops(config: &ModelConfig, plan: &WavefrontPlan, rows: usize)
     // Every head the graph has runs, whether or not the plan reads it (raster order on a
     // NAR model still computes the down head).
     let heads = config.heads().len() as f64 * 2.0 * d * v;
-    let mut total = 0.0;
+    let (mut trunk, mut projected) = (condition_mlp, 0.0);
     let mut past = 0.0;
     for call in plan.calls() {
-        let (tokens, head_rows) = if call.is_prefill() {
+        let (tokens, predicting) = if call.is_prefill() {
             (condition_len, 1.0)
         } else {
             (call.input_len() as f64, call.input_len() as f64)
         };
         // Q·Kᵀ and the weighted sum of V, over every key visible to the new tokens.
         let attention = blocks * 2.0 * 2.0 * tokens * (past + tokens) * d;
-        total += tokens * per_token + attention + head_rows * heads;
+        trunk += tokens * per_token + attention;
+        projected += predicting * heads;
         past += tokens;
     }
-    (total + condition_mlp) * rows as f64
+    trunk * rows as f64 + projected * head_rows as f64
 }
 
 #[cfg(test)]
@@ -62,7 +69,15 @@ mod tests {
             ..ModelArgs::default()
         };
         let plan = WavefrontPlan::new(&[16, 16], &[1, 0]).unwrap();
-        let gflop = generation_flops(&nar_b.into(), &plan, 2) / 1e9;
+        let config = nar_b.into();
+        let gflop = generation_flops(&config, &plan, 2, 2) / 1e9;
         assert!((115.0..130.0).contains(&gflop), "{gflop} GFLOP");
+        // Projecting the guided mix saves half the two 768 × 16384 heads: 256 rows × 2 × 25 MFLOP.
+        let mixed = generation_flops(&config, &plan, 2, 1) / 1e9;
+        let saved = 256.0 * 2.0 * 2.0 * 768.0 * 16384.0 / 1e9;
+        assert!(
+            (gflop - mixed - saved).abs() < 1e-6,
+            "{gflop} − {mixed} GFLOP"
+        );
     }
 }

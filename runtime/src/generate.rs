@@ -13,7 +13,7 @@ use narx_graphs::{DType, Dim};
 
 use crate::backend::{Engine, GraphKind, HostTensor};
 use crate::decode::Decoded;
-use crate::guidance::CfgSchedule;
+use crate::guidance::{identity_mix, model_rows, CfgSchedule};
 use crate::sampling::{sample_block, ImageRng, SamplingParams};
 use crate::scheduler::{Call, Order, WavefrontPlan};
 use crate::RuntimeError;
@@ -53,6 +53,11 @@ pub struct GenerateOptions {
     pub cfg_interval: i64,
     pub sampling: SamplingParams,
     pub seed: u64,
+    /// Also report each call's logits before guidance ([`CallReport::logits`]): the heads
+    /// then project both halves of the batch. Without it, with guidance, they project each
+    /// prompt's guided mix of the two halves (half the head work; see
+    /// [`CfgSchedule::head_mix`]).
+    pub unguided_logits: bool,
 }
 
 /// What happened at one model call, for progress reporting and conformance tests.
@@ -62,7 +67,8 @@ pub struct CallReport<'a> {
     /// Model batch rows (both guidance halves).
     pub rows: usize,
     /// Assembled logits `(rows, produced, vocab)`, before guidance; empty when the
-    /// selection graph ran (they stayed on the device).
+    /// selection graph ran (they stayed on the device) or the heads projected the guided mix
+    /// ([`GenerateOptions::unguided_logits`]).
     pub logits: &'a [f32],
     /// Guided logits `(prompts, produced, vocab)`; after the selection graph, −∞ outside
     /// each cell's top-k candidates.
@@ -168,6 +174,31 @@ impl<E: Engine> Generator<E> {
         self.engine.name()
     }
 
+    /// The rows the heads project at each call of a generation of `prompts` prompts:
+    /// the model batch, or one guided row per prompt.
+    pub fn head_rows(&self, prompts: usize, options: &GenerateOptions) -> usize {
+        let rows = model_rows(prompts, options.cfg_scale);
+        self.projection(rows, prompts, options.unguided_logits)
+            .rows(rows, prompts)
+    }
+
+    /// How the heads project a batch of `rows` rows for `prompts` prompts; `unguided` asks
+    /// for every row's own logits.
+    fn projection(&self, rows: usize, prompts: usize, unguided: bool) -> HeadProjection {
+        let step = &self.manifest.graphs.step;
+        if !step
+            .inputs
+            .iter()
+            .any(|input| input.name == names::HEAD_MIX)
+        {
+            HeadProjection::Unmixed
+        } else if rows > prompts && !unguided {
+            HeadProjection::Guided
+        } else {
+            HeadProjection::EveryRow
+        }
+    }
+
     /// Decodes token grids (raster order) into pictures or clips with the directory's
     /// decoder.
     pub fn decode(&mut self, tokens: &[Vec<u32>], grid: &[usize]) -> Result<Decoded, RuntimeError> {
@@ -232,11 +263,10 @@ impl<E: Engine> Generator<E> {
         if batch == 0 {
             return Err(RuntimeError::BadInput("no prompts to generate".into()));
         }
-        let rows = if schedule.uses_uncond_half() {
-            2 * batch
-        } else {
-            batch
-        };
+        let rows = model_rows(batch, options.cfg_scale);
+        // Observers (calibration) see every row's outputs.
+        let projection = self.projection(rows, batch, options.unguided_logits || observe.is_some());
+        let head_rows = projection.rows(rows, batch);
         let vocab = self.manifest.vocab_size;
         let cells = self.plan.cell_count();
         let condition_len = self.condition_len();
@@ -283,6 +313,15 @@ impl<E: Engine> Generator<E> {
                 };
                 (GraphKind::Step, inputs)
             };
+            let mix = match projection {
+                HeadProjection::Unmixed => None,
+                HeadProjection::EveryRow => Some(identity_mix(rows)),
+                HeadProjection::Guided => Some(schedule.head_mix(call.tokens_before(), batch)),
+            };
+            if let Some(mix) = mix {
+                let mix = HostTensor::F32(vec![head_rows, rows], mix);
+                inputs.push((names::HEAD_MIX.into(), self.engine.upload(mix)?));
+            }
             inputs.append(&mut cache);
             let mut outputs = self.engine.run(kind, inputs)?;
             let returned = match &slots {
@@ -293,9 +332,10 @@ impl<E: Engine> Generator<E> {
             // cell's top-k guided logits come back.
             let call_logits = if self.engine.has(GraphKind::Select) {
                 let guidance = Guidance {
-                    rows,
+                    rows: head_rows,
                     prompts: batch,
-                    guided: schedule.is_guided(call.tokens_before()),
+                    guided: projection != HeadProjection::Guided
+                        && schedule.is_guided(call.tokens_before()),
                     scale: schedule.scale(),
                     top_k: options.sampling.top_k,
                 };
@@ -311,7 +351,7 @@ impl<E: Engine> Generator<E> {
             } else {
                 CallLogits::Heads(self.head_logits(
                     &mut outputs,
-                    rows,
+                    head_rows,
                     call.input_len(),
                     returned,
                 )?)
@@ -338,10 +378,16 @@ impl<E: Engine> Generator<E> {
             match call_logits {
                 CallLogits::Heads(heads) => {
                     let head_refs: Vec<&[f32]> = heads.iter().map(Vec::as_slice).collect();
-                    logits.resize(rows * produced * vocab, 0.0);
-                    call.assemble(&head_refs, rows, vocab, &mut logits)?;
-                    guided.resize(batch * produced * vocab, 0.0);
-                    schedule.apply(call.tokens_before(), &logits, &mut guided)?;
+                    if projection == HeadProjection::Guided {
+                        logits.clear();
+                        guided.resize(batch * produced * vocab, 0.0);
+                        call.assemble(&head_refs, batch, vocab, &mut guided)?;
+                    } else {
+                        logits.resize(rows * produced * vocab, 0.0);
+                        call.assemble(&head_refs, rows, vocab, &mut logits)?;
+                        guided.resize(batch * produced * vocab, 0.0);
+                        schedule.apply(call.tokens_before(), &logits, &mut guided)?;
+                    }
                 }
                 // The guided logits are known at each cell's candidates; the rest are −∞,
                 // which is what top-k makes of them on the host too.
@@ -683,6 +729,27 @@ fn download_output<E: Engine>(
         ));
     }
     Ok(data)
+}
+
+/// What the heads project ([`names::HEAD_MIX`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum HeadProjection {
+    /// Every row, with graphs exported before the mix input existed.
+    Unmixed,
+    /// Every row (the identity mix): each row's own logits.
+    EveryRow,
+    /// One guided row per prompt: the logits come back guided.
+    Guided,
+}
+
+impl HeadProjection {
+    /// Rows of head logits from a model batch of `rows` rows for `prompts` prompts.
+    fn rows(self, rows: usize, prompts: usize) -> usize {
+        match self {
+            HeadProjection::Guided => prompts,
+            HeadProjection::EveryRow | HeadProjection::Unmixed => rows,
+        }
+    }
 }
 
 /// What a call's logits come back as.

@@ -27,6 +27,15 @@ pub fn uses_uncond_half(scale: f32) -> bool {
     scale > 1.0
 }
 
+/// Model batch rows for `prompts` prompts: `[cond; uncond]` with guidance, else the prompts.
+pub fn model_rows(prompts: usize, scale: f32) -> usize {
+    if uses_uncond_half(scale) {
+        2 * prompts
+    } else {
+        prompts
+    }
+}
+
 /// Writes `uncond + (cond − uncond) · scale` element-wise into `out`.
 ///
 /// The operation order is upstream's, so results match it bit for bit in f32.
@@ -54,6 +63,15 @@ pub fn guide(
         *o = u + (c - u) * scale;
     }
     Ok(())
+}
+
+/// The mix of `rows` rows that keeps each one: the identity, `(rows, rows)` row-major.
+pub fn identity_mix(rows: usize) -> Vec<f32> {
+    let mut mix = vec![0.0; rows * rows];
+    for i in 0..rows {
+        mix[i * rows + i] = 1.0;
+    }
+    mix
 }
 
 /// When guidance applies during one generation.
@@ -96,6 +114,27 @@ impl CfgSchedule {
     /// `tokens_before ≤ cfg_interval`; the prefill (0 tokens before) is always guided.
     pub fn is_guided(&self, tokens_before: usize) -> bool {
         self.uses_uncond_half() && self.interval.is_none_or(|limit| tokens_before <= limit)
+    }
+
+    /// The call after `tokens_before` tokens as a mix of the model batch `[cond; uncond]`
+    /// of `2·prompts` rows, `(prompts, 2·prompts)` row-major: row `i` is
+    /// `s·cond_i + (1 − s)·uncond_i` when the call is guided, `cond_i` when not.
+    ///
+    /// Projecting this mix of the heads' inputs gives the guided logits (the projection and
+    /// the averaging of heads are linear), from half the rows; the sum is grouped
+    /// differently from [`guide`]'s, so the logits agree to rounding, not to the bit.
+    pub fn head_mix(&self, tokens_before: usize, prompts: usize) -> Vec<f32> {
+        let (cond, uncond) = if self.is_guided(tokens_before) {
+            (self.scale, 1.0 - self.scale)
+        } else {
+            (1.0, 0.0)
+        };
+        let mut mix = vec![0.0; prompts * 2 * prompts];
+        for (i, row) in mix.chunks_exact_mut(2 * prompts).enumerate() {
+            row[i] = cond;
+            row[prompts + i] = uncond;
+        }
+        mix
     }
 
     /// Turns a call's assembled logits into the logits to sample from.
@@ -194,6 +233,25 @@ mod tests {
         let plain = CfgSchedule::new(1.0, None).unwrap();
         plain.apply(0, &logits[..2], &mut out).unwrap();
         assert_eq!(out, [3.0, 5.0]);
+    }
+
+    #[test]
+    fn head_mix_guides_like_apply() {
+        // Two prompts; rows [cond₀, cond₁, uncond₀, uncond₁] of one value each.
+        let logits = [3.0f32, 5.0, 1.0, 2.0];
+        let schedule = CfgSchedule::new(4.0, Some(1)).unwrap();
+        for before in [0, 3] {
+            let mix = schedule.head_mix(before, 2);
+            let mixed: Vec<f32> = mix
+                .chunks(4)
+                .map(|row| row.iter().zip(&logits).map(|(w, l)| w * l).sum())
+                .collect();
+            let mut applied = [0.0f32; 2];
+            schedule.apply(before, &logits, &mut applied).unwrap();
+            assert_eq!(mixed, applied, "{before} tokens before");
+        }
+        assert_eq!(schedule.head_mix(3, 1), [1.0, 0.0]);
+        assert_eq!(identity_mix(2), [1.0, 0.0, 0.0, 1.0]);
     }
 
     #[test]

@@ -355,6 +355,11 @@ impl AnyGenerator {
         on_either!(self, g => g.plan())
     }
 
+    /// See [`Generator::head_rows`].
+    pub fn head_rows(&self, prompts: usize, options: &GenerateOptions) -> usize {
+        on_either!(self, g => g.head_rows(prompts, options))
+    }
+
     pub fn calls(&self) -> usize {
         self.plan().calls().len()
     }

@@ -14,7 +14,7 @@ use narx_graphs::nar::ModelConfig;
 use narx_graphs::DType;
 use narx_runtime::flops::generation_flops;
 use narx_runtime::generate::{Generation, Prompts};
-use narx_runtime::guidance::uses_uncond_half;
+use narx_runtime::guidance::model_rows;
 use narx_runtime::load::{AnyGenerator, Purpose};
 
 use super::backend::BackendArgs;
@@ -146,11 +146,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             count: args.batch,
         },
     };
-    let rows = if uses_uncond_half(options.cfg_scale) {
-        2 * args.batch
-    } else {
-        args.batch
-    };
+    let rows = model_rows(args.batch, options.cfg_scale);
+    let head_rows = generator.head_rows(args.batch, &options);
     timed(&mut generator, &prompts, &options)?; // warm-up
     let mut runs = Vec::new();
     let mut calls = 0;
@@ -163,7 +160,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let median_s = median(&mut seconds);
     let best_s = seconds[0];
     let images = args.batch as f64;
-    let flops = generation_flops(&manifest.config, generator.plan(), rows);
+    let flops = generation_flops(&manifest.config, generator.plan(), rows, head_rows);
     let cells: usize = manifest.grid.iter().product();
     let model = median(&mut runs.iter().map(|r| r.model).collect::<Vec<_>>());
     let sampling = median(&mut runs.iter().map(|r| r.sampling).collect::<Vec<_>>());

@@ -113,6 +113,7 @@ impl SamplingArgs {
             cfg_interval: self.cfg_interval.unwrap_or(defaults.cfg_interval),
             sampling,
             seed: self.seed,
+            unguided_logits: false,
         })
     }
 }

@@ -14,6 +14,15 @@ use narx_runtime::backend::{Engine, GraphKind, HostTensor};
 use narx_runtime::generate::Generator;
 use narx_runtime::load::{graph_files, GraphChoice, Purpose};
 
+/// The heads' mix input that keeps every one of `rows` rows (for graphs run by hand).
+pub fn every_row<E: Engine>(engine: &E, rows: usize) -> (String, E::Value) {
+    let mix = HostTensor::F32(vec![rows, rows], narx_runtime::guidance::identity_mix(rows));
+    (
+        narx_graphs::nar::names::HEAD_MIX.into(),
+        engine.upload(mix).unwrap(),
+    )
+}
+
 pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures")
 }

@@ -13,7 +13,7 @@ use narx_runtime::backend::{Engine, GraphKind, HostTensor};
 use narx_runtime::generate::{GenerateOptions, Generator, Prompts};
 use narx_runtime::sampling::SamplingParams;
 
-use crate::common::{export_fixture, ort_generator, tract_generator, Reference};
+use crate::common::{every_row, export_fixture, ort_generator, tract_generator, Reference};
 
 /// Prefill with `batch` labels, then one step of `width` tokens; returns the step's head
 /// logits and the cache length the step produced.
@@ -27,10 +27,13 @@ fn prefill_and_step<E: Engine>(
     let prefill = engine
         .run(
             GraphKind::Prefill,
-            vec![(
-                "class_labels".into(),
-                engine.upload(HostTensor::I64(vec![batch], labels)).unwrap(),
-            )],
+            vec![
+                (
+                    "class_labels".into(),
+                    engine.upload(HostTensor::I64(vec![batch], labels)).unwrap(),
+                ),
+                every_row(engine, batch),
+            ],
         )
         .unwrap();
     let mut inputs = carry(prefill, layers);
@@ -50,6 +53,7 @@ fn prefill_and_step<E: Engine>(
             .upload(HostTensor::I64(vec![width], positions))
             .unwrap(),
     ));
+    inputs.push(every_row(engine, batch));
     let mut step = engine.run(GraphKind::Step, inputs).unwrap();
     let (right_shape, right) = engine.download_f32(&step["logits_right"]).unwrap();
     let (down_shape, down) = engine.download_f32(&step["logits_down"]).unwrap();
@@ -188,6 +192,7 @@ fn greedy(cfg_scale: f32) -> GenerateOptions {
             ..SamplingParams::default()
         },
         seed: 0,
+        unguided_logits: true,
     }
 }
 
@@ -247,15 +252,17 @@ fn teacher_forced<E: Engine>(engine: &mut E, layers: usize) -> Vec<Vec<f32>> {
     let reference = Reference::load("nar-c2i-tiny");
     let (_, labels) = reference.i64("labels");
     let rows: Vec<i64> = labels.iter().copied().chain([10, 10]).collect();
+    let batch = rows.len();
     let mut outputs = engine
         .run(
             GraphKind::Prefill,
-            vec![(
-                "class_labels".into(),
-                engine
-                    .upload(HostTensor::I64(vec![rows.len()], rows))
-                    .unwrap(),
-            )],
+            vec![
+                (
+                    "class_labels".into(),
+                    engine.upload(HostTensor::I64(vec![batch], rows)).unwrap(),
+                ),
+                every_row(engine, batch),
+            ],
         )
         .unwrap();
     let mut logits = Vec::new();
@@ -285,6 +292,7 @@ fn teacher_forced<E: Engine>(engine: &mut E, layers: usize) -> Vec<Vec<f32>> {
                 .upload(HostTensor::I64(vec![shape[1]], positions))
                 .unwrap(),
         ));
+        inputs.push(every_row(engine, batch));
         outputs = engine.run(GraphKind::Step, inputs).unwrap();
     }
     logits

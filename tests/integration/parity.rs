@@ -46,8 +46,17 @@ fn first_difference(got: &[f32], expected: &[f32], cells: usize, vocab: usize) -
         })
 }
 
+/// What the heads project in a replay.
+#[derive(Clone, Copy)]
+enum Heads {
+    /// Both guidance halves: the unguided logits are checked as well as the guided ones.
+    BothHalves,
+    /// Each prompt's guided mix (the default): only guided logits come back.
+    GuidedMix,
+}
+
 /// Replays a fixture's generation and checks every call; panics naming the call and cell.
-fn replay<E: Engine>(generator: &mut Generator<E>, name: &str) {
+fn replay<E: Engine>(generator: &mut Generator<E>, name: &str, heads: Heads) {
     let reference = Reference::load(name);
     let json = reference_json(name);
     let options = GenerateOptions {
@@ -58,6 +67,7 @@ fn replay<E: Engine>(generator: &mut Generator<E>, name: &str) {
             ..SamplingParams::default()
         },
         seed: 0,
+        unguided_logits: matches!(heads, Heads::BothHalves),
     };
     let condition_len = generator.manifest().config.condition_len();
     let vocab = generator.manifest().vocab_size;
@@ -85,7 +95,15 @@ fn replay<E: Engine>(generator: &mut Generator<E>, name: &str) {
                 ));
             }
             let cells = report.call.output_len();
-            for (what, got) in [("logits", report.logits), ("guided_logits", report.guided)] {
+            let mut checked = vec![("guided_logits", report.guided)];
+            match heads {
+                Heads::BothHalves => checked.push(("logits", report.logits)),
+                Heads::GuidedMix if !report.logits.is_empty() => {
+                    problems.push(format!("call {k}: the heads projected both halves"))
+                }
+                Heads::GuidedMix => {}
+            }
+            for (what, got) in checked {
                 let (shape, expected) = reference.f32(&format!("step.{k}.{what}"));
                 if shape[1] != cells || got.len() != expected.len() {
                     problems.push(format!("call {k}: {what} shape {shape:?} vs {cells} cells"));
@@ -131,10 +149,18 @@ fn parity(name: &str) {
             "{name}: {file} differs between the .pt and safetensors exports"
         );
     }
-    replay(&mut tract_generator(&from_safetensors), name);
-    replay(&mut tract_generator(&from_pt), name);
-    replay(&mut ort_generator(&from_safetensors), name);
-    replay(&mut ort_generator(&from_pt), name);
+    replay(
+        &mut tract_generator(&from_safetensors),
+        name,
+        Heads::GuidedMix,
+    );
+    replay(&mut tract_generator(&from_pt), name, Heads::BothHalves);
+    replay(
+        &mut ort_generator(&from_safetensors),
+        name,
+        Heads::GuidedMix,
+    );
+    replay(&mut ort_generator(&from_pt), name, Heads::BothHalves);
 
     // The static layout (`--static`): every dimension but the batch fixed.
     let fixed = temp.path().join("static");
@@ -154,21 +180,24 @@ fn parity(name: &str) {
                 .filter(|d| !matches!(d, Dim::Fixed(_)))
                 .collect();
             assert!(
-                dynamic.iter().all(|d| **d == Dim::named("batch")),
+                dynamic
+                    .iter()
+                    .all(|d| [Dim::named("batch"), Dim::named("head_rows")].contains(d)),
                 "{name}: {} has dynamic dims {dynamic:?}",
                 tensor.name
             );
         }
     }
-    replay(&mut tract_generator(&fixed), name);
-    replay(&mut ort_generator(&fixed), name);
+    replay(&mut tract_generator(&fixed), name, Heads::GuidedMix);
+    replay(&mut ort_generator(&fixed), name, Heads::BothHalves);
 
     // The step on buffers that stay put, as CUDA graphs replay it: the same numbers, and
     // nothing copied into the buffers but each call's host inputs and, once, the prefill's
     // cache (the cache then alternates between two sets without a copy).
     let mut generator = ort_generator_on_fixed_buffers(&fixed);
-    replay(&mut generator, name);
-    let rows = 2 * Reference::load(name).i64("tokens").0[0];
+    replay(&mut generator, name, Heads::GuidedMix);
+    let prompts = Reference::load(name).i64("tokens").0[0];
+    let rows = 2 * prompts;
     let steps = reference_json(name)["steps"].as_u64().unwrap() as usize - 1;
     let width = manifest.graphs.step.inputs[0].shape[1].clone();
     assert_eq!(manifest.graphs.step.inputs[0].name, "tokens");
@@ -178,13 +207,69 @@ fn parity(name: &str) {
     let kv = &manifest.kv_cache;
     let slots = kv.capacity;
     let cache = rows * kv.layers * 2 * kv.kv_heads * slots * kv.head_dim * 4;
-    // tokens and positions (int64), key_bias and cache_write (float32)
-    let per_step = rows * width * 8 + width * 8 + rows * slots * 4 + slots * width * 4;
+    // tokens and positions (int64), key_bias, cache_write and head_mix (float32)
+    let per_step =
+        rows * width * 8 + width * 8 + rows * slots * 4 + slots * width * 4 + prompts * rows * 4;
     assert_eq!(
         generator.engine().staged_bytes(),
         Some((cache + steps * per_step) as u64),
         "{name}: bytes copied into the fixed buffers"
     );
+}
+
+/// Turns an export into what narx wrote before the heads took `head_mix`: the mix MatMuls
+/// bypassed, the input gone from both graphs and from the manifest.
+fn without_head_mix(dir: &std::path::Path) {
+    use narx_graphs::nar::names::HEAD_MIX;
+    for file in ["prefill.onnx", "step.onnx"] {
+        let path = dir.join(file);
+        let mut model = narx_graphs::decode_model(&std::fs::read(&path).unwrap()).unwrap();
+        let graph = model.graph.as_mut().unwrap();
+        let mixes: Vec<(String, String)> = graph
+            .node
+            .iter()
+            .filter(|n| n.input.first().map(String::as_str) == Some(HEAD_MIX))
+            .map(|n| (n.output[0].clone(), n.input[1].clone()))
+            .collect();
+        assert!(!mixes.is_empty(), "{file}: no head mix");
+        graph
+            .node
+            .retain(|n| n.input.first().map(String::as_str) != Some(HEAD_MIX));
+        for node in &mut graph.node {
+            for input in &mut node.input {
+                if let Some((_, rows)) = mixes.iter().find(|(mixed, _)| mixed == input) {
+                    *input = rows.clone();
+                }
+            }
+        }
+        graph.input.retain(|i| i.name.as_deref() != Some(HEAD_MIX));
+        std::fs::write(&path, narx_graphs::encode_model(&model)).unwrap();
+    }
+    let path = dir.join("narx.json");
+    let mut manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    for graph in ["prefill", "step"] {
+        let inputs = manifest["graphs"][graph]["inputs"].as_array_mut().unwrap();
+        inputs.retain(|i| i["name"] != HEAD_MIX);
+        manifest["tensorrt_profiles"][graph]
+            .as_object_mut()
+            .unwrap()
+            .remove(HEAD_MIX);
+    }
+    let text = manifest.to_string().replace("\"head_rows\"", "\"batch\"");
+    std::fs::write(&path, text).unwrap();
+}
+
+/// Directories exported before the heads took `head_mix` still run, projecting every row.
+#[test]
+fn exports_without_the_head_mix_still_match_upstream() {
+    let name = "nar-c2i-tiny";
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path().join("older");
+    export_fixture(name, "model.safetensors", &dir, DType::F32);
+    without_head_mix(&dir);
+    replay(&mut tract_generator(&dir), name, Heads::BothHalves);
+    replay(&mut ort_generator(&dir), name, Heads::BothHalves);
 }
 
 #[test]

@@ -155,6 +155,7 @@ fn greedy() -> GenerateOptions {
             ..SamplingParams::default()
         },
         seed: 0,
+        unguided_logits: false,
     }
 }
 

@@ -47,6 +47,7 @@ fn check<E: Engine>(mut selecting: Generator<E>, mut host: Generator<E>, name: &
                 ..SamplingParams::default()
             },
             seed: 3,
+            unguided_logits: false,
         };
         let (want, want_tokens) = run(&mut host, name, &options);
         let (got, got_tokens) = run(&mut selecting, name, &options);

@@ -493,17 +493,33 @@ impl<'a> Model<'a> {
         self.linear(b, hidden, &p("w2"), f, d)
     }
 
-    /// One head's float32 logits: its RMSNorm, its bias-free projection, then the cast
-    /// (upstream computes the projection in the model dtype and upcasts the result).
+    /// One head's float32 logits for the rows `mix (R, B)` makes of the batch: its RMSNorm,
+    /// the mix, its bias-free projection, then the cast (upstream computes the projection in
+    /// the model dtype and upcasts the result).
+    ///
+    /// The projection is linear and so are guidance and the averaging of heads, so a mix of
+    /// `s·cond + (1 − s)·uncond` rows gives the guided logits directly, projecting half the
+    /// rows; the identity mix gives every row's own logits.
+    ///
+    /// ```text
+    /// x ─RMSNorm─Reshape(B, S·D)─MatMul(mix, ·)─Reshape(R, S, D)─projection─Cast(f32)─▶
+    /// ```
     pub fn head(
         &self,
         b: &mut GraphBuilder,
         head: &HeadSpec,
         input: Value,
+        mix: Value,
     ) -> Result<Value, GraphError> {
         let (d, v) = (self.shape.dim, self.shape.vocab_size);
         b.scoped(&format!("head_{}", head.name), |b| {
             let x = self.rms_norm(b, input, head.norm)?;
+            // Mixed in float32, where upstream guides.
+            let x = b.cast(x, DType::F32)?;
+            let rows = b.reshape(x, &[0, -1])?;
+            let mixed = b.matmul(mix, rows)?;
+            let x = b.reshape(mixed, &[0, -1, d as i64])?;
+            let x = b.cast(x, self.dtype())?;
             let logits = self.linear(b, x, head.projection, d, v)?;
             b.cast(logits, DType::F32)
         })

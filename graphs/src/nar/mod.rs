@@ -7,10 +7,13 @@
 //! The cache is carried *in generation order* as plain graph inputs and outputs:
 //!
 //! ```text
-//!   prefill(condition)                  -> logits, present.{i}.{key,value}, present_key_bias
-//!   step(tokens, positions, past.*)     -> logits, present.{i}.{key,value}, present_key_bias
+//!   prefill(condition, head_mix)        -> logits, present.{i}.{key,value}, present_key_bias
+//!   step(tokens, positions, past.*, head_mix)
+//!                                       -> logits, present.{i}.{key,value}, present_key_bias
 //!                                          present = Concat(past, this call's K/V)
 //! ```
+//!
+//! (`head_mix` chooses the rows the heads project: see `Model::head` in `layers.rs`.)
 //!
 //! Upstream keeps a cache of fixed length laid out by raster position and masks it with the
 //! proximity mask. Attention does not care where a key sits, only whether it is visible, and
@@ -77,6 +80,9 @@ pub mod names {
     pub const LOGITS_RIGHT: &str = "logits_right";
     pub const LOGITS_DOWN: &str = "logits_down";
     pub const LOGITS_BACK: &str = "logits_back";
+    /// `(head rows, batch)`, float32: the combinations of the batch rows the heads project
+    /// (the identity for every row's logits, or each prompt's guidance mix).
+    pub const HEAD_MIX: &str = "head_mix";
     /// Static layout: the bias of every cache slot, this call's included.
     pub const KEY_BIAS: &str = "key_bias";
     /// Static layout: where this call's keys and values go in the cache.
@@ -102,6 +108,8 @@ pub mod names {
 pub mod dims {
     pub const BATCH: &str = "batch";
     pub const WIDTH: &str = "width";
+    /// Rows of head logits: the rows of [`names::HEAD_MIX`].
+    pub const HEAD_ROWS: &str = "head_rows";
     pub const PAST: &str = "past";
     /// `past + width`: computed by the graph, written to ONNX as an unnamed dimension.
     pub const TOTAL: &str = "past+width";
@@ -307,6 +315,22 @@ fn batch_dims(rest: &[Dim]) -> Vec<Dim> {
     d
 }
 
+/// `(head rows, rest…)`: the head logits' dims.
+fn head_rows_dims(rest: &[Dim]) -> Vec<Dim> {
+    let mut d = vec![Dim::named(dims::HEAD_ROWS)];
+    d.extend_from_slice(rest);
+    d
+}
+
+/// The heads' row mix, `(head rows, batch)` ([`names::HEAD_MIX`]).
+fn head_mix_input(b: &mut GraphBuilder) -> Value {
+    b.input(
+        names::HEAD_MIX,
+        DType::F32,
+        &[Dim::named(dims::HEAD_ROWS), Dim::named(dims::BATCH)],
+    )
+}
+
 fn cache_dims(spec: &NarSpec, len: Dim) -> Vec<Dim> {
     let t = spec.config.transformer();
     batch_dims(&[Dim::Fixed(t.kv_heads()), len, Dim::Fixed(t.head_dim())])
@@ -361,11 +385,12 @@ fn build_prefill(
         attention_bias,
         CacheUpdate::Fresh,
     )?;
-    let logit_dims = batch_dims(&[Dim::Fixed(1), Dim::Fixed(m.vocab_size())]);
+    let mix = head_mix_input(&mut b);
+    let logit_dims = head_rows_dims(&[Dim::Fixed(1), Dim::Fixed(m.vocab_size())]);
     // Only the last condition position predicts (the first cell); the rest only fill the cache.
     for (head, input) in spec.config.heads().iter().zip(outputs.head_inputs) {
         let last = b.slice(input, 1, c as i64 - 1, c as i64)?;
-        let logits = m.head(&mut b, head, last)?;
+        let logits = m.head(&mut b, head, last, mix)?;
         b.output(head.output, logits, &logit_dims)?;
     }
     b.output(
@@ -491,9 +516,10 @@ fn build_step(
         Some(placement) => CacheUpdate::Place(&past_kv, placement),
     };
     let outputs = m.forward(&mut b, embeddings, positions, attention_bias, cache)?;
-    let logit_dims = batch_dims(&[width, Dim::Fixed(m.vocab_size())]);
+    let mix = head_mix_input(&mut b);
+    let logit_dims = head_rows_dims(&[width, Dim::Fixed(m.vocab_size())]);
     for (head, input) in spec.config.heads().iter().zip(outputs.head_inputs) {
-        let logits = m.head(&mut b, head, input)?;
+        let logits = m.head(&mut b, head, input, mix)?;
         b.output(head.output, logits, &logit_dims)?;
     }
     if spec.layout == CacheLayout::Append {
