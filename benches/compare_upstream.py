@@ -8,7 +8,9 @@ directory holds the code used). Both sides generate a NAR-B class-conditional im
 16x16 grid with random weights, guidance 4.0, top-k 2000, temperature 1, in float32 on the
 CPU with the same number of threads: upstream's eager `generate` (as `sample_c2i.py` calls
 it, without torch.compile), and narx on ONNX Runtime CPU (and tract with --tract). Each
-figure is the median and the best of --repeat timed runs after one warm-up run.
+figure is the median and the best of --repeat timed runs after one warm-up run. The runs
+alternate (upstream, then narx, then upstream again...), so that a machine slowing down or
+speeding up for a while weighs on both sides alike.
 
 PyTorch and tqdm are installed with pip if they are missing (PyTorch's CPU wheel from
 download.pytorch.org, else PyPI). The narx binary is built with `cargo build --release` unless --narx names one.
@@ -23,6 +25,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,8 +50,8 @@ def ensure_torch():
     return importlib.import_module("torch")
 
 
-def upstream(nar, batch, grid, repeat, threads, seed):
-    """Seconds per generation of upstream's loop: a list, one per timed run."""
+def upstream(nar, batch, grid, threads, seed):
+    """Upstream's loop, warmed up: a function that times one generation, in seconds."""
     torch = ensure_torch()
     images = os.path.join(os.path.abspath(nar), "NAR-images")
     if not os.path.isdir(os.path.join(images, "autoregressive")):
@@ -80,7 +83,7 @@ def upstream(nar, batch, grid, repeat, threads, seed):
             return time.perf_counter() - started
 
     run()  # warm-up
-    return [run() for _ in range(repeat)]
+    return run
 
 
 def matmul_gflops(threads):
@@ -115,11 +118,17 @@ def matmul_gflops(threads):
     return 2 * n**3 / best / 1e9
 
 
-def narx(binary, provider, batch, grid, repeat, threads):
-    """`narx bench --json`'s result object."""
-    command = [binary, "bench", "--preset", "nar-b", "--random-weights", "--grid", str(grid),
-               "--batch", str(batch), "--repeat", str(repeat), "--threads", str(threads),
-               "--provider", provider, "--cfg-scale", "4", "--top-k", "2000", "--json"]
+def export(binary, grid, directory):
+    """NAR-B with random weights, exported once for every narx run."""
+    subprocess.run([binary, "export", "--preset", "nar-b", "--random-weights", "--grid",
+                    str(grid), "-o", directory], check=True, capture_output=True)
+
+
+def narx(binary, model, provider, batch, threads):
+    """`narx bench --json`'s result object for one timed generation (after its warm-up)."""
+    command = [binary, "bench", model, "--batch", str(batch), "--repeat", "1",
+               "--threads", str(threads), "--provider", provider, "--cfg-scale", "4",
+               "--top-k", "2000", "--json"]
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(output.strip().splitlines()[-1])
 
@@ -147,18 +156,28 @@ def main():
     providers = ["cpu"] + (["tract"] if args.tract else [])
     matmul = matmul_gflops(args.threads)
     rows = []
-    for batch in args.batch:
-        runs = upstream(args.nar, batch, args.grid, args.repeat, args.threads, args.seed)
-        rows.append({"impl": "upstream pytorch (eager)", "batch": batch,
-                     "seconds_per_image": statistics.median(runs) / batch,
-                     "best_seconds_per_image": min(runs) / batch})
-        for provider in providers:
-            result = narx(binary, provider, batch, args.grid, args.repeat, args.threads)
-            rows.append({"impl": f"narx {result['provider']}", "batch": batch,
-                         "seconds_per_image": result["seconds_per_image"],
-                         "best_seconds_per_image": result["best_seconds_per_image"],
-                         "gflops_per_s": result["gflops_per_s"],
-                         "sampling_seconds": result["sampling_seconds"]})
+    with tempfile.TemporaryDirectory() as temp:
+        model = os.path.join(temp, "nar-b")
+        export(binary, args.grid, model)
+        for batch in args.batch:
+            run_upstream = upstream(args.nar, batch, args.grid, args.threads, args.seed)
+            runs = {"upstream": []} | {provider: [] for provider in providers}
+            for _ in range(args.repeat):
+                runs["upstream"].append(run_upstream() / batch)
+                for provider in providers:
+                    runs[provider].append(narx(binary, model, provider, batch, args.threads))
+            seconds = runs.pop("upstream")
+            rows.append({"impl": "upstream pytorch (eager)", "batch": batch,
+                         "seconds_per_image": statistics.median(seconds),
+                         "best_seconds_per_image": min(seconds)})
+            for results in runs.values():
+                median = lambda key: statistics.median(r[key] for r in results)
+                rows.append({"impl": f"narx {results[0]['provider']}", "batch": batch,
+                             "seconds_per_image": median("seconds_per_image"),
+                             "best_seconds_per_image": min(r["seconds_per_image"]
+                                                           for r in results),
+                             "gflops_per_s": median("gflops_per_s"),
+                             "sampling_seconds": median("sampling_seconds")})
     if args.json:
         print(json.dumps({"impl": "onnxruntime 4096^3 matmul", "gflops_per_s": matmul}))
         for row in rows:
