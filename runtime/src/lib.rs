@@ -7,6 +7,7 @@ pub mod flops;
 pub mod generate;
 pub mod guidance;
 pub mod load;
+pub mod memory;
 pub mod picture;
 pub mod sampling;
 pub mod scheduler;
