@@ -75,8 +75,9 @@ pub struct Manifest {
     /// TensorRT builder settings `narx run --provider tensorrt` starts from (flags override).
     #[serde(default)]
     pub tensorrt: TensorRtSettings,
-    /// Replay each step call as a CUDA graph under the CUDA provider (flags override). Static exports set it: their step shapes stay the same for a whole
-    /// generation, which is what a captured graph needs.
+    /// Replay each step call as a CUDA graph under the CUDA provider (flags override).
+    /// Static exports set it: their step shapes stay the same for a whole generation, which
+    /// is what a captured graph needs.
     #[serde(default)]
     pub cuda_graph: bool,
     /// The image tokenizer's decoder, when the export was given one.
@@ -601,9 +602,7 @@ impl Manifest {
         }
         if self.cuda_graph && self.kv_cache.layout != CacheLayout::Static {
             return Err(
-                "cuda_graph is set, but only a static export's shapes allow CUDA \
-                        graphs"
-                    .into(),
+                "cuda_graph is set, but only a static export's shapes allow CUDA graphs".into(),
             );
         }
         if self.vq_decoder.is_some() && self.larp_decoder.is_some() {
