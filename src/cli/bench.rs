@@ -1,6 +1,7 @@
 //! `narx bench`: end-to-end generation speed, measured honestly — warm-up first, then the
 //! median and the best of several repeats, with the time split between model calls and
-//! sampling, achieved GFLOP/s and peak resident memory.
+//! sampling, achieved GFLOP/s and peak resident memory. Start-up (opening the sessions, the
+//! first generation) is reported apart: a server pays it once, not per image.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -131,7 +132,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         (None, None) => return Err(BadInput("give a model directory or --preset".into()).into()),
     };
     let order = args.order.map(OrderArg::order);
+    let opening = Instant::now();
     let mut generator = args.backend.open(&dir, Purpose::Generate, order)?;
+    let open_s = opening.elapsed().as_secs_f64();
     let manifest = generator.manifest().clone();
     let options = args.sampling.options(&manifest)?;
     let prompts = match &manifest.condition {
@@ -148,7 +151,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     };
     let rows = model_rows(args.batch, options.cfg_scale);
     let head_rows = generator.head_rows(args.batch, &options);
-    timed(&mut generator, &prompts, &options)?; // warm-up
+    let (warm_up, _) = timed(&mut generator, &prompts, &options)?;
     let mut runs = Vec::new();
     let mut calls = 0;
     for _ in 0..args.repeat {
@@ -181,6 +184,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         "sampling_seconds": sampling,
         "other_seconds": (median_s - model - sampling).max(0.0),
         "peak_rss_bytes": peak_rss_bytes(),
+        "open_seconds": open_s,
+        "first_generation_seconds": warm_up.seconds,
         "weights_bytes": manifest.weights.bytes,
         "parameters": manifest.parameters,
     });
@@ -205,6 +210,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         model,
         sampling,
         (median_s - model - sampling).max(0.0)
+    );
+    println!(
+        "  start-up: model opened in {open_s:.2} s, first generation (warm-up) {:.3} s",
+        warm_up.seconds
     );
     if let Some(rss) = peak_rss_bytes() {
         println!(

@@ -184,7 +184,17 @@ fn bench_reports_speed_as_json() {
         }
         assert_eq!(json["calls"], 15);
         assert_eq!(json["batch"], 2);
-        assert!(json["seconds_per_image"].as_f64().unwrap() > 0.0);
+        for key in [
+            "seconds_per_image",
+            "open_seconds",
+            "first_generation_seconds",
+        ] {
+            let seconds = json[key].as_f64();
+            assert!(
+                seconds.is_some_and(|s| s > 0.0),
+                "{provider}: {key}: {last}"
+            );
+        }
     }
     let output = narx(&["bench", dir.to_str().unwrap(), "--batch", "0"]);
     assert_bad_input(&output, &["--batch"]);
