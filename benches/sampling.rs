@@ -1,5 +1,6 @@
-//! The host-side work between two model calls, alone, at NAR's real sizes: sampling a token
-//! from 16384 guided logits, sampling a whole wavefront, merging the two heads' logits
+//! The host-side work around the model calls, alone, at NAR's real sizes: planning a
+//! generation and placing each call's tokens (the scheduler), sampling a token from 16384
+//! guided logits, sampling a whole wavefront, merging the two heads' logits
 //! (`Call::assemble`) and classifier-free guidance (`CfgSchedule::apply`).
 //!
 //! None of this touches a model, so it shows whether the runtime's own code is ever worth
@@ -7,7 +8,7 @@
 
 use std::hint::black_box;
 
-use criterion::{criterion_group, criterion_main, BatchSize, Criterion, SamplingMode, Throughput};
+use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
 use narx_runtime::guidance::CfgSchedule;
 use narx_runtime::sampling::{sample_block, sample_row, ImageRng, SamplingParams};
 use narx_runtime::scheduler::WavefrontPlan;
@@ -87,8 +88,7 @@ fn settings() -> [(&'static str, SamplingParams); 4] {
     ]
 }
 
-/// One token from one row of 16384 guided logits. The row is scratch for the sampler, so
-/// every iteration gets a fresh copy (made outside the timing).
+/// One token from one row of 16384 guided logits.
 fn bench_sample_row(c: &mut Criterion) {
     let row = guided_logits(&mut Noise(1), VOCAB);
     let mut group = c.benchmark_group("sample_row");
@@ -96,11 +96,7 @@ fn bench_sample_row(c: &mut Criterion) {
     for (name, params) in settings() {
         let mut rng = ImageRng::new(0, 0);
         group.bench_function(name, |b| {
-            b.iter_batched_ref(
-                || row.clone(),
-                |row| sample_row(black_box(row), &params, &mut rng).unwrap(),
-                BatchSize::SmallInput,
-            )
+            b.iter(|| sample_row(black_box(&row), &params, &mut rng).unwrap())
         });
     }
     group.finish();
@@ -120,13 +116,9 @@ fn bench_sample_block(c: &mut Criterion) {
         let mut rngs: Vec<ImageRng> = (0..BATCH as u64).map(|i| ImageRng::new(0, i)).collect();
         let mut tokens = vec![0u32; cells];
         group.bench_function(format!("w{GRID}_b{BATCH}/{name}"), |b| {
-            b.iter_batched_ref(
-                || logits.clone(),
-                |block| {
-                    sample_block(black_box(block), VOCAB, &params, &mut rngs, &mut tokens).unwrap()
-                },
-                BatchSize::LargeInput,
-            )
+            b.iter(|| {
+                sample_block(black_box(&logits), VOCAB, &params, &mut rngs, &mut tokens).unwrap()
+            })
         });
     }
     group.finish();
@@ -175,8 +167,38 @@ fn bench_cfg_apply(c: &mut Criterion) {
     group.finish();
 }
 
+/// The scheduler: planning the image generation (16×16, two heads), the video one
+/// (4×16×16, three heads: NAR-SPEC §7) and LlamaGen's raster order, each once per
+/// generation; and placing the widest call's tokens for 8 images into their grids, once per
+/// call.
+fn bench_scheduler(c: &mut Criterion) {
+    let mut group = c.benchmark_group("scheduler");
+    group.bench_function("plan/nar_16x16", |b| {
+        b.iter(|| WavefrontPlan::new(black_box(&[GRID, GRID]), &[1, 0]).unwrap())
+    });
+    group.bench_function("plan/nar_video_4x16x16", |b| {
+        b.iter(|| WavefrontPlan::new(black_box(&[4, GRID, GRID]), &[2, 1, 0]).unwrap())
+    });
+    group.bench_function("plan/raster_16x16", |b| {
+        b.iter(|| WavefrontPlan::raster(black_box(&[GRID, GRID]), 1).unwrap())
+    });
+    let plan = WavefrontPlan::new(&[GRID, GRID], &[1, 0]).unwrap();
+    let call = plan
+        .calls()
+        .iter()
+        .max_by_key(|call| call.output_len())
+        .unwrap();
+    let tokens: Vec<u32> = (0..(BATCH * call.output_len()) as u32).collect();
+    let mut grid = vec![0u32; BATCH * plan.cell_count()];
+    group.bench_function(format!("place/w{}_b{BATCH}", call.output_len()), |b| {
+        b.iter(|| call.place(black_box(&tokens), BATCH, &mut grid).unwrap())
+    });
+    group.finish();
+}
+
 criterion_group!(
     benches,
+    bench_scheduler,
     bench_sample_row,
     bench_sample_block,
     bench_assemble,

@@ -280,7 +280,7 @@ impl<E: Engine> Generator<E> {
             CacheLayout::Static => Some(StaticSlots::new(&self.manifest, rows)?),
         };
         // Buffers reused from call to call (sized for the widest wavefront on first use).
-        let (mut logits, mut guided, mut scratch) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut logits, mut guided) = (Vec::new(), Vec::new());
         let mut tokens = Vec::new();
         let calls = self.plan.calls().len();
         for index in 0..calls {
@@ -399,16 +399,7 @@ impl<E: Engine> Generator<E> {
                 }
             }
             tokens.resize(batch * produced, 0);
-            // Sampling overwrites its input; the report shows the guided logits as they were.
-            scratch.clear();
-            scratch.extend_from_slice(&guided);
-            sample_block(
-                &mut scratch,
-                vocab,
-                &options.sampling,
-                &mut rngs,
-                &mut tokens,
-            )?;
+            sample_block(&guided, vocab, &options.sampling, &mut rngs, &mut tokens)?;
             call.place(&tokens, batch, &mut grid_tokens)?;
             if let Some(forced) = forced {
                 for (image, grid) in forced.iter().enumerate() {

@@ -116,17 +116,12 @@ impl RngCore for ImageRng {
 /// finite.
 pub fn filter_logits(logits: &mut [f32], params: &SamplingParams) -> Result<(), SamplingError> {
     params.validate()?;
-    let divisor = params.temperature.max(MIN_TEMPERATURE);
-    logits.iter_mut().for_each(|l| *l /= divisor);
-    check_logits(logits)?;
-    // Top-k first, then top-p. Upstream runs top-k only when top_k > 0 (its
-    // `min(max(top_k, 1), V)` sits inside that branch), so top_k = 0 with top_p < 1 is top-p
-    // alone, not "keep one".
-    if params.top_k > 0 {
-        top_k(logits, params.top_k, &mut Vec::new());
-    }
-    if params.top_p < 1.0 {
-        top_p(logits, params.top_p);
+    let mut sampler = RowSampler::default();
+    sampler.filter(logits, params)?;
+    logits.fill(f32::NEG_INFINITY);
+    let survivors = &sampler.survivors;
+    for (&i, &value) in survivors.kept.iter().zip(&survivors.weights) {
+        logits[i] = value;
     }
     Ok(())
 }
@@ -136,9 +131,9 @@ pub fn filter_logits(logits: &mut [f32], params: &SamplingParams) -> Result<(), 
 /// Greedy mode returns the first index of the largest logit and ignores temperature and
 /// filters (neither can change the arg-max). Otherwise the row is filtered as
 /// [`filter_logits`], turned into probabilities with a softmax, and one token is drawn with a
-/// uniform from `rng`. `logits` is used as scratch.
+/// uniform from `rng`.
 pub fn sample_row<R: Rng + ?Sized>(
-    logits: &mut [f32],
+    logits: &[f32],
     params: &SamplingParams,
     rng: &mut R,
 ) -> Result<u32, SamplingError> {
@@ -154,27 +149,28 @@ pub fn sample_row<R: Rng + ?Sized>(
 /// upstream's draws). `u` must lie in [0, 1); the token is the first whose cumulative
 /// probability, in vocabulary order, exceeds `u` times the total.
 pub fn sample_row_with_uniform(
-    logits: &mut [f32],
+    logits: &[f32],
     params: &SamplingParams,
     u: f64,
 ) -> Result<u32, SamplingError> {
     RowSampler::default().sample(logits, params, Some(u))
 }
 
-/// Samples rows with reusable buffers, so a block of rows allocates nothing per row.
+/// Samples rows with reusable buffers, so a block of rows allocates nothing per row. Rows
+/// are read, never written: the filters, the softmax and the draw work on the surviving
+/// entries, copied out with their indices.
 #[derive(Default)]
 struct RowSampler {
-    /// Copy of a row for the top-k selection.
-    values: Vec<f32>,
-    /// Indices of the entries that survive filtering, ascending.
-    kept: Vec<usize>,
+    /// The row divided by the temperature, when that is not 1.
+    scaled: Vec<f32>,
+    survivors: Survivors,
 }
 
 impl RowSampler {
     /// Greedy when `u` is `None`, else a draw with uniform `u`.
     fn sample(
         &mut self,
-        logits: &mut [f32],
+        logits: &[f32],
         params: &SamplingParams,
         u: Option<f64>,
     ) -> Result<u32, SamplingError> {
@@ -186,33 +182,162 @@ impl RowSampler {
             return Err(SamplingError::InvalidUniform(u));
         }
         params.validate()?;
+        self.filter(logits, params)?;
+        // A removed entry's probability is exactly 0, so leaving it out changes no sum.
+        let survivors = &mut self.survivors;
+        softmax(&mut survivors.weights);
+        draw(&survivors.kept, &survivors.weights, u)
+    }
+
+    /// Temperature, top-k, then top-p, into `survivors`.
+    fn filter(&mut self, logits: &[f32], params: &SamplingParams) -> Result<(), SamplingError> {
         let divisor = params.temperature.max(MIN_TEMPERATURE);
-        logits.iter_mut().for_each(|l| *l /= divisor);
-        check_logits(logits)?;
-        if params.top_k > 0 {
-            top_k(logits, params.top_k, &mut self.values);
+        // x / 1 is x exactly, so the common temperature skips the copy.
+        let values: &[f32] = if divisor == 1.0 {
+            logits
+        } else {
+            self.scaled.clear();
+            self.scaled.extend(logits.iter().map(|l| l / divisor));
+            &self.scaled
+        };
+        check_logits(values)?;
+        let survivors = &mut self.survivors;
+        match params.top_k {
+            k if k == 0 || k >= values.len() => survivors.collect(values, f32::NEG_INFINITY),
+            k => survivors.top_k(values, k),
         }
         if params.top_p < 1.0 {
-            top_p(logits, params.top_p);
+            survivors.nucleus(params.top_p);
         }
-        // The softmax and the draw visit the surviving entries only, in vocabulary order:
-        // a removed entry's probability is exactly 0, so skipping it changes no sum.
-        self.kept.clear();
-        self.kept
-            .extend((0..logits.len()).filter(|&i| logits[i] > f32::NEG_INFINITY));
-        softmax(logits, &self.kept);
-        draw(logits, &self.kept, u)
+        Ok(())
     }
+}
+
+/// The entries of a row that survive filtering, and the filters' scratch.
+#[derive(Default)]
+struct Survivors {
+    /// Indices, ascending.
+    kept: Vec<usize>,
+    /// Their logits after temperature (then, for the draw, their probabilities).
+    weights: Vec<f32>,
+    /// Scratch for top-k's selections.
+    selection: Vec<f32>,
+    /// Top-p's ranking of the survivors (positions in `kept`), their exponentials in that
+    /// order, and which positions it removes.
+    order: Vec<usize>,
+    exps: Vec<f32>,
+    removed: Vec<bool>,
+}
+
+impl Survivors {
+    /// The entries of `values` at or above `floor` that are not −∞, in vocabulary order.
+    fn collect(&mut self, values: &[f32], floor: f32) {
+        // A bit mask per chunk (the comparisons vectorise), then one step per entry that
+        // passes; the values are gathered after.
+        const CHUNK: usize = 16;
+        let passes = |v: f32| v >= floor && v > f32::NEG_INFINITY;
+        self.kept.clear();
+        for (c, chunk) in values.chunks(CHUNK).enumerate() {
+            let mut mask = 0u32;
+            for (j, &v) in chunk.iter().enumerate() {
+                mask |= u32::from(passes(v)) << j;
+            }
+            self.kept.extend(std::iter::from_fn(|| {
+                let j = mask.trailing_zeros() as usize;
+                mask &= mask.checked_sub(1)?;
+                Some(c * CHUNK + j)
+            }));
+        }
+        self.weights.clear();
+        self.weights.extend(self.kept.iter().map(|&i| values[i]));
+    }
+
+    /// Top-k as upstream: the entries at or above the `k`-th largest (`k` is below the
+    /// row's length), so ties with it survive; with fewer than `k` finite entries, all of
+    /// them.
+    ///
+    /// Selecting the `k`-th largest over the whole row would cost most of a row's sampling,
+    /// so the selection runs on the entries at or above a floor estimated from a sample
+    /// ([`estimated_floor`]): every entry at or above the true threshold is at or above a
+    /// lower floor, so the result is exact whenever at least `k` entries pass; when fewer
+    /// do, it starts again from every entry. For top-k 2000 of 16384 about a fifth passes.
+    fn top_k(&mut self, values: &[f32], k: usize) {
+        let floor = estimated_floor(values, k, &mut self.selection);
+        self.collect(values, floor);
+        if self.kept.len() < k && floor > f32::NEG_INFINITY {
+            self.collect(values, f32::NEG_INFINITY);
+        }
+        if self.kept.len() <= k {
+            return;
+        }
+        self.selection.clear();
+        self.selection.extend_from_slice(&self.weights);
+        let threshold = *self
+            .selection
+            .select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a))
+            .1;
+        retain(&mut self.kept, &mut self.weights, |_, w| w >= threshold);
+    }
+
+    /// Nucleus filtering as upstream: sort descending, softmax, cumulative sum, mark entries
+    /// whose cumulative probability exceeds `p`, shift the marks right by one (keeping the
+    /// first entry past the threshold, and always the top one), and drop the marked.
+    ///
+    /// Only survivors are ranked: removed entries have probability 0, would sort last and
+    /// cannot change the outcome. Ties rank by ascending index. The cumulative sum
+    /// accumulates in f64 and is compared in f32, as PyTorch's CPU `cumsum` does.
+    fn nucleus(&mut self, p: f32) {
+        let weights = &self.weights;
+        // Positions in `kept`, which ascends: ties between positions order as indices do.
+        self.order.clear();
+        self.order.extend(0..weights.len());
+        self.order
+            .sort_unstable_by(|&a, &b| weights[b].total_cmp(&weights[a]).then(a.cmp(&b)));
+        let Some(&top) = self.order.first() else {
+            return;
+        };
+        let max = weights[top];
+        self.exps.clear();
+        self.exps
+            .extend(self.order.iter().map(|&j| (weights[j] - max).exp()));
+        let sum: f32 = self.exps.iter().sum();
+        self.removed.clear();
+        self.removed.resize(weights.len(), false);
+        let mut cumulative = 0.0f64;
+        let mut previous_exceeds = false;
+        for (&j, &e) in self.order.iter().zip(&self.exps) {
+            cumulative += f64::from(e / sum);
+            self.removed[j] = previous_exceeds;
+            previous_exceeds = (cumulative as f32) > p;
+        }
+        let removed = &self.removed;
+        retain(&mut self.kept, &mut self.weights, |j, _| !removed[j]);
+    }
+}
+
+/// Keeps the survivors (indices `kept`, values `weights`) for which `keep(position,
+/// value)` holds, in order.
+fn retain(kept: &mut Vec<usize>, weights: &mut Vec<f32>, mut keep: impl FnMut(usize, f32) -> bool) {
+    let mut survivors = 0;
+    for j in 0..kept.len() {
+        if keep(j, weights[j]) {
+            kept[survivors] = kept[j];
+            weights[survivors] = weights[j];
+            survivors += 1;
+        }
+    }
+    kept.truncate(survivors);
+    weights.truncate(survivors);
 }
 
 /// Samples every row of a `(batch, positions, vocab)` block into `(batch, positions)` tokens;
 /// row `b` draws from `rngs[b]`, positions in order, so each image's stream is used the same
-/// way whatever else is in the batch. `logits` is used as scratch.
+/// way whatever else is in the batch.
 ///
 /// The uniforms are drawn first, in that order; the rows are then filtered and drawn on
 /// several threads (they are independent once their uniform is known).
 pub fn sample_block<R: Rng>(
-    logits: &mut [f32],
+    logits: &[f32],
     vocab: usize,
     params: &SamplingParams,
     rngs: &mut [R],
@@ -248,9 +373,9 @@ pub fn sample_block<R: Rng>(
         .min(expected / MIN_VALUES_PER_THREAD)
         .max(1);
     let rows_per_thread = rows.div_ceil(threads);
-    let sample_rows = |logits: &mut [f32], tokens: &mut [u32], uniforms: &[Option<f64>]| {
+    let sample_rows = |logits: &[f32], tokens: &mut [u32], uniforms: &[Option<f64>]| {
         let mut sampler = RowSampler::default();
-        for ((row, token), &u) in logits.chunks_exact_mut(vocab).zip(tokens).zip(uniforms) {
+        for ((row, token), &u) in logits.chunks_exact(vocab).zip(tokens).zip(uniforms) {
             *token = sampler.sample(row, params, u)?;
         }
         Ok(())
@@ -260,7 +385,7 @@ pub fn sample_block<R: Rng>(
     }
     std::thread::scope(|scope| {
         let workers: Vec<_> = logits
-            .chunks_mut(rows_per_thread * vocab)
+            .chunks(rows_per_thread * vocab)
             .zip(tokens.chunks_mut(rows_per_thread))
             .zip(uniforms.chunks(rows_per_thread))
             .map(|((logits, tokens), uniforms)| {
@@ -280,14 +405,21 @@ const MIN_VALUES_PER_THREAD: usize = 1 << 16;
 /// fail) and rows with nothing left to choose.
 fn check_logits(logits: &[f32]) -> Result<(), SamplingError> {
     check_vocabulary(logits.len())?;
-    if let Some((index, &value)) = logits
-        .iter()
-        .enumerate()
-        .find(|(_, l)| l.is_nan() || **l == f32::INFINITY)
-    {
+    // One pass without early exits (it vectorises); the culprit is looked up only on error.
+    let (mut invalid, mut any_candidate) = (false, false);
+    for &l in logits {
+        invalid |= l.is_nan() | (l == f32::INFINITY);
+        any_candidate |= l > f32::NEG_INFINITY;
+    }
+    if invalid {
+        let (index, &value) = logits
+            .iter()
+            .enumerate()
+            .find(|(_, l)| l.is_nan() || **l == f32::INFINITY)
+            .expect("an invalid logit was seen");
         return Err(SamplingError::NonFiniteLogit { index, value });
     }
-    if logits.iter().all(|&l| l == f32::NEG_INFINITY) {
+    if !any_candidate {
         return Err(SamplingError::NoCandidate);
     }
     Ok(())
@@ -302,93 +434,62 @@ fn check_vocabulary(len: usize) -> Result<(), SamplingError> {
     }
 }
 
+/// The first index of the largest logit.
 fn greedy(logits: &[f32]) -> Result<u32, SamplingError> {
     check_logits(logits)?;
-    let mut best = 0;
-    for (i, &l) in logits.iter().enumerate() {
-        if l > logits[best] {
-            best = i;
-        }
-    }
-    index_to_token(best)
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let first = logits.iter().position(|&l| l == max);
+    index_to_token(first.expect("a checked row has a maximum"))
 }
 
 fn index_to_token(index: usize) -> Result<u32, SamplingError> {
     u32::try_from(index).map_err(|_| SamplingError::VocabularyTooLarge(index + 1))
 }
 
-/// Sets every logit strictly below the k-th largest (k ≥ 1) to −∞, so ties with it survive.
-/// Selection is O(V) on a copy in `scratch`; the row keeps its order.
-fn top_k(logits: &mut [f32], k: usize, scratch: &mut Vec<f32>) {
-    let k = k.min(logits.len());
-    if k == logits.len() {
-        return;
+/// Entries in the evenly spaced sample [`estimated_floor`] looks at.
+const FLOOR_SAMPLE: usize = 512;
+
+/// A value at or (most likely) a little below the `k`-th largest of `values`: the entry of
+/// an evenly spaced sample whose rank there is somewhat higher than `k`'s share of the row.
+/// −∞ (no floor) for rows too short to sample or a `k` too large to gain from one.
+fn estimated_floor(values: &[f32], k: usize, scratch: &mut Vec<f32>) -> f32 {
+    let n = values.len();
+    if n < 8 * FLOOR_SAMPLE || 4 * k > n {
+        return f32::NEG_INFINITY;
     }
+    let step = n / FLOOR_SAMPLE;
     scratch.clear();
-    scratch.extend_from_slice(logits);
-    let (_, &mut threshold, _) = scratch.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
-    for l in logits.iter_mut() {
-        if *l < threshold {
-            *l = f32::NEG_INFINITY;
-        }
-    }
+    scratch.extend((0..FLOOR_SAMPLE).map(|i| values[i * step]));
+    // About `expected` sampled entries lie above the threshold; the margin (four standard
+    // deviations and a little) makes a floor above it rare.
+    let expected = k * FLOOR_SAMPLE / n;
+    let rank = (expected + 4 * expected.isqrt() + 8).min(FLOOR_SAMPLE - 1);
+    *scratch
+        .select_nth_unstable_by(rank, |a, b| b.total_cmp(a))
+        .1
 }
 
-/// Nucleus filtering as upstream: sort descending, softmax, cumulative sum, mark entries
-/// whose cumulative probability exceeds `p`, shift the marks right by one (keeping the first
-/// entry past the threshold, and always the top one), and set the marked to −∞.
-///
-/// Only finite logits are sorted: −∞ entries have probability 0, sort last and are already
-/// removed, so they cannot change the outcome. Ties sort by ascending index. The cumulative
-/// sum accumulates in f64 and is compared in f32, as PyTorch's CPU `cumsum` does.
-fn top_p(logits: &mut [f32], p: f32) {
-    let mut order: Vec<usize> = (0..logits.len())
-        .filter(|&i| logits[i] > f32::NEG_INFINITY)
-        .collect();
-    order.sort_unstable_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
-    let Some(&top) = order.first() else {
-        return;
-    };
-    let max = logits[top];
-    let exps: Vec<f32> = order.iter().map(|&i| (logits[i] - max).exp()).collect();
-    let sum: f32 = exps.iter().sum();
-    let mut cumulative = 0.0f64;
-    let mut previous_exceeds = false;
-    for (&i, &e) in order.iter().zip(&exps) {
-        cumulative += f64::from(e / sum);
-        if previous_exceeds {
-            logits[i] = f32::NEG_INFINITY;
-        }
-        previous_exceeds = (cumulative as f32) > p;
-    }
-}
-
-/// Softmax over the `kept` entries in place (each becomes its probability); the others are
-/// left as they are. `kept` is non-empty and ascending, so the sums run in vocabulary order.
-fn softmax(logits: &mut [f32], kept: &[usize]) {
-    let max = kept
-        .iter()
-        .map(|&i| logits[i])
-        .fold(f32::NEG_INFINITY, f32::max);
+/// Softmax in place over a non-empty row of logits, summed in order.
+fn softmax(weights: &mut [f32]) {
+    let max = weights.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0.0f32;
-    for &i in kept {
-        logits[i] = (logits[i] - max).exp();
-        sum += logits[i];
+    for w in weights.iter_mut() {
+        *w = (*w - max).exp();
+        sum += *w;
     }
-    kept.iter().for_each(|&i| logits[i] /= sum);
+    weights.iter_mut().for_each(|w| *w /= sum);
 }
 
-/// Inverse-CDF draw over the probabilities of the `kept` entries in vocabulary order: the
-/// first token whose cumulative probability exceeds `u` times the total. Zero-probability
+/// Inverse-CDF draw over the probabilities `probs` of the tokens `kept`, in vocabulary order:
+/// the first token whose cumulative probability exceeds `u` times the total. Zero-probability
 /// tokens are never chosen; if rounding leaves the target at the very end, the last possible
 /// token is taken.
-fn draw(probs: &[f32], kept: &[usize], u: f64) -> Result<u32, SamplingError> {
-    let total: f64 = kept.iter().map(|&i| f64::from(probs[i])).sum();
+fn draw(kept: &[usize], probs: &[f32], u: f64) -> Result<u32, SamplingError> {
+    let total: f64 = probs.iter().map(|&p| f64::from(p)).sum();
     let target = u * total;
     let mut cumulative = 0.0f64;
     let mut last = None;
-    for &i in kept {
-        let p = probs[i];
+    for (&i, &p) in kept.iter().zip(probs) {
         if p > 0.0 {
             cumulative += f64::from(p);
             last = Some(i);
@@ -460,7 +561,7 @@ mod tests {
         // only token 0 survives. Top-p first would keep {0, 1} (cumulative 0.4, 0.7).
         assert_eq!(kept(&logits, &p), [0]);
         for u in [0.0, 0.5, 0.999] {
-            assert_eq!(sample_row_with_uniform(&mut logits.clone(), &p, u), Ok(0));
+            assert_eq!(sample_row_with_uniform(&logits, &p, u), Ok(0));
         }
     }
 
@@ -476,7 +577,7 @@ mod tests {
         let sharp = [0.0f32, 1.0, 0.5];
         let mut rng = ImageRng::new(1, 0);
         for _ in 0..100 {
-            let token = sample_row(&mut sharp.to_vec(), &params(0.0, 0, 1.0), &mut rng);
+            let token = sample_row(&sharp, &params(0.0, 0, 1.0), &mut rng);
             assert_eq!(token, Ok(1));
         }
     }
@@ -499,9 +600,7 @@ mod tests {
                 top_p: 0.5,
                 greedy: true,
             };
-            let mut row = logits.to_vec();
-            assert_eq!(sample_row(&mut row, &p, &mut rng), Ok(1));
-            assert_eq!(row, logits);
+            assert_eq!(sample_row(&logits, &p, &mut rng), Ok(1));
         }
     }
 
@@ -509,22 +608,22 @@ mod tests {
     fn draws_follow_inverse_cdf_in_vocabulary_order() {
         let logits = ln(&[0.25, 0.5, 0.25]);
         let p = SamplingParams::default();
-        assert_eq!(sample_row_with_uniform(&mut logits.clone(), &p, 0.0), Ok(0));
-        assert_eq!(sample_row_with_uniform(&mut logits.clone(), &p, 0.2), Ok(0));
-        assert_eq!(sample_row_with_uniform(&mut logits.clone(), &p, 0.3), Ok(1));
-        assert_eq!(sample_row_with_uniform(&mut logits.clone(), &p, 0.7), Ok(1));
-        assert_eq!(sample_row_with_uniform(&mut logits.clone(), &p, 0.8), Ok(2));
+        assert_eq!(sample_row_with_uniform(&logits, &p, 0.0), Ok(0));
+        assert_eq!(sample_row_with_uniform(&logits, &p, 0.2), Ok(0));
+        assert_eq!(sample_row_with_uniform(&logits, &p, 0.3), Ok(1));
+        assert_eq!(sample_row_with_uniform(&logits, &p, 0.7), Ok(1));
+        assert_eq!(sample_row_with_uniform(&logits, &p, 0.8), Ok(2));
         assert_eq!(
-            sample_row_with_uniform(&mut logits.clone(), &p, 1.0 - f64::EPSILON),
+            sample_row_with_uniform(&logits, &p, 1.0 - f64::EPSILON),
             Ok(2)
         );
         // A cumulative boundary belongs to the next token: [0, 0.5) → 0, [0.5, 1) → 1.
         let even = [0.0f32, 0.0];
-        assert_eq!(sample_row_with_uniform(&mut even.to_vec(), &p, 0.5), Ok(1));
+        assert_eq!(sample_row_with_uniform(&even, &p, 0.5), Ok(1));
         // A removed (−∞) token is never drawn, even at the edges.
         let masked = [f32::NEG_INFINITY, 0.0, f32::NEG_INFINITY];
         for u in [0.0, 0.5, 1.0 - f64::EPSILON] {
-            assert_eq!(sample_row_with_uniform(&mut masked.to_vec(), &p, u), Ok(1));
+            assert_eq!(sample_row_with_uniform(&masked, &p, u), Ok(1));
         }
     }
 
@@ -537,7 +636,7 @@ mod tests {
         let n = 20_000usize;
         let mut counts = [0usize; 4];
         for _ in 0..n {
-            let token = sample_row(&mut logits.clone(), &p, &mut rng).unwrap();
+            let token = sample_row(&logits, &p, &mut rng).unwrap();
             counts[token as usize] += 1;
         }
         for (count, prob) in counts.iter().zip(probs) {
@@ -557,7 +656,7 @@ mod tests {
         let run = |seed: u64, image: u64| -> Vec<u32> {
             let mut rng = ImageRng::new(seed, image);
             (0..64)
-                .map(|_| sample_row(&mut logits.clone(), &p, &mut rng).unwrap())
+                .map(|_| sample_row(&logits, &p, &mut rng).unwrap())
                 .collect()
         };
         assert_eq!(run(7, 3), run(7, 3));
@@ -571,11 +670,11 @@ mod tests {
         let positions = 3;
         let row: Vec<f32> = (0..vocab).map(|i| (i % 5) as f32 * 0.2).collect();
         let image_tokens = |seed: u64, index: u64| -> Vec<u32> {
-            let mut logits = row.repeat(positions);
+            let logits = row.repeat(positions);
             let mut tokens = vec![0; positions];
             let mut rngs = [ImageRng::new(seed, index)];
             sample_block(
-                &mut logits,
+                &logits,
                 vocab,
                 &SamplingParams::default(),
                 &mut rngs,
@@ -584,11 +683,11 @@ mod tests {
             .unwrap();
             tokens
         };
-        let mut logits = row.repeat(2 * positions);
+        let logits = row.repeat(2 * positions);
         let mut tokens = vec![0; 2 * positions];
         let mut rngs = [ImageRng::new(9, 5), ImageRng::new(9, 6)];
         sample_block(
-            &mut logits,
+            &logits,
             vocab,
             &SamplingParams::default(),
             &mut rngs,
@@ -620,14 +719,12 @@ mod tests {
         ] {
             let mut rngs: Vec<ImageRng> = (0..images as u64).map(|i| ImageRng::new(3, i)).collect();
             let mut tokens = vec![0; rows];
-            sample_block(&mut logits.clone(), vocab, &p, &mut rngs, &mut tokens).unwrap();
+            sample_block(&logits, vocab, &p, &mut rngs, &mut tokens).unwrap();
             let mut rngs: Vec<ImageRng> = (0..images as u64).map(|i| ImageRng::new(3, i)).collect();
             let one_by_one: Vec<u32> = logits
                 .chunks_exact(vocab)
                 .enumerate()
-                .map(|(row, values)| {
-                    sample_row(&mut values.to_vec(), &p, &mut rngs[row / positions]).unwrap()
-                })
+                .map(|(row, values)| sample_row(values, &p, &mut rngs[row / positions]).unwrap())
                 .collect();
             assert_eq!(tokens, one_by_one, "{p:?}");
         }
@@ -650,7 +747,7 @@ mod tests {
         assert_eq!(params(0.0, 5, 1.0).validate(), Ok(()));
         let mut rng = ImageRng::new(0, 0);
         assert!(matches!(
-            sample_row(&mut [1.0], &params(-1.0, 0, 1.0), &mut rng),
+            sample_row(&[1.0], &params(-1.0, 0, 1.0), &mut rng),
             Err(SamplingError::InvalidTemperature(_))
         ));
     }
@@ -660,34 +757,34 @@ mod tests {
         let p = SamplingParams::default();
         let mut rng = ImageRng::new(0, 0);
         assert_eq!(
-            sample_row(&mut [], &p, &mut rng),
+            sample_row(&[], &p, &mut rng),
             Err(SamplingError::EmptyVocabulary)
         );
         assert!(matches!(
-            sample_row(&mut [0.0, f32::NAN], &p, &mut rng),
+            sample_row(&[0.0, f32::NAN], &p, &mut rng),
             Err(SamplingError::NonFiniteLogit { index: 1, .. })
         ));
         assert!(matches!(
-            sample_row(&mut [f32::INFINITY, 0.0], &p, &mut rng),
+            sample_row(&[f32::INFINITY, 0.0], &p, &mut rng),
             Err(SamplingError::NonFiniteLogit { index: 0, .. })
         ));
         assert_eq!(
-            sample_row(&mut [f32::NEG_INFINITY; 3], &p, &mut rng),
+            sample_row(&[f32::NEG_INFINITY; 3], &p, &mut rng),
             Err(SamplingError::NoCandidate)
         );
         let greedy = SamplingParams { greedy: true, ..p };
         assert!(matches!(
-            sample_row(&mut [f32::NAN], &greedy, &mut rng),
+            sample_row(&[f32::NAN], &greedy, &mut rng),
             Err(SamplingError::NonFiniteLogit { .. })
         ));
         assert_eq!(
-            sample_row_with_uniform(&mut [0.0], &p, 1.0),
+            sample_row_with_uniform(&[0.0], &p, 1.0),
             Err(SamplingError::InvalidUniform(1.0))
         );
         let mut tokens = [0u32; 4];
         assert!(matches!(
             sample_block(
-                &mut [0.0; 8],
+                &[0.0; 8],
                 2,
                 &p,
                 &mut [rng.clone(), rng.clone(), rng.clone()],
@@ -696,8 +793,77 @@ mod tests {
             Err(SamplingError::RowsPerImage { rows: 4, images: 3 })
         ));
         assert!(matches!(
-            sample_block(&mut [0.0; 7], 2, &p, &mut [rng.clone()], &mut tokens),
+            sample_block(&[0.0; 7], 2, &p, &mut [rng.clone()], &mut tokens),
             Err(SamplingError::LengthMismatch { .. })
         ));
+    }
+
+    /// What top-k keeps, by a full sort: the finite entries at or above the k-th largest
+    /// in `total_cmp` order (all finite entries when `k` reaches past them).
+    fn top_k_by_sort(values: &[f32], k: usize) -> Vec<usize> {
+        let mut sorted = values.to_vec();
+        sorted.sort_by(|a, b| b.total_cmp(a));
+        let threshold = sorted[k.min(values.len()) - 1];
+        (0..values.len())
+            .filter(|&i| values[i] > f32::NEG_INFINITY && values[i] >= threshold)
+            .collect()
+    }
+
+    /// Rows long enough for the estimated floor, where the evenly spaced sample sees only
+    /// the largest entries (too few then pass: every entry is selected from) or only the
+    /// smallest (most of the row passes).
+    #[test]
+    fn top_k_is_exact_when_the_sample_misleads() {
+        let n = 16384;
+        let step = n / FLOOR_SAMPLE;
+        for sampled_high in [true, false] {
+            let row: Vec<f32> = (0..n)
+                .map(|i| {
+                    let noise = ((i * 7919) % 997) as f32 * 1e-3;
+                    if (i % step == 0) == sampled_high {
+                        10.0 + noise
+                    } else {
+                        noise
+                    }
+                })
+                .collect();
+            for k in [1, 50, 511, 512, 513, 2000, 4096] {
+                let expected = top_k_by_sort(&row, k);
+                assert_eq!(kept(&row, &params(1.0, k, 1.0)), expected, "k {k}");
+            }
+        }
+    }
+
+    proptest::proptest! {
+        /// Ties, signed zeros and −∞ included, at sizes that take the estimated floor and
+        /// sizes that do not: top-k keeps what a full sort says.
+        #[test]
+        fn top_k_keeps_what_a_full_sort_says(
+            n in 1usize..20_000,
+            k_fraction in 0.0f64..1.2,
+            seed: u64,
+            palette in 1usize..40,
+        ) {
+            let mut state = seed;
+            let mut next = || {
+                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                (state >> 33) as usize
+            };
+            // A small palette makes ties common; it holds both zeros and −∞, and at least
+            // one finite entry.
+            let choices: Vec<f32> = (0..palette)
+                .map(|i| match i {
+                    0 => 1.5,
+                    1 => f32::NEG_INFINITY,
+                    2 => -0.0,
+                    3 => 0.0,
+                    _ => (next() % 2001) as f32 / 100.0 - 10.0,
+                })
+                .collect();
+            let mut row: Vec<f32> = (0..n).map(|_| choices[next() % palette]).collect();
+            row[next() % n] = 1.5;
+            let k = ((k_fraction * n as f64) as usize).max(1);
+            proptest::prop_assert_eq!(kept(&row, &params(1.0, k, 1.0)), top_k_by_sort(&row, k));
+        }
     }
 }
