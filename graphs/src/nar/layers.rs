@@ -494,7 +494,7 @@ impl<'a> Model<'a> {
         let group = (t.n_head / t.kv_heads()) as i64;
         let x = b.unsqueeze(x, &[2])?;
         let shape = b.const_i64(&[1, 1, group, 1, 1])?;
-        let x = b.node1("Expand", &[x, shape], &[], x.dtype())?;
+        let x = b.expand(x, shape)?;
         b.reshape(x, &[0, t.n_head as i64, -1, t.head_dim() as i64])
     }
 
