@@ -19,11 +19,7 @@ pub enum Decoded {
 
 /// Checks token grids before they reach the decoder: every grid has the grid's number of
 /// cells, every token is a codebook row.
-pub fn check_tokens(
-    tokens: &[Vec<u32>],
-    grid: &[usize],
-    codebook: usize,
-) -> Result<(), RuntimeError> {
+fn check_tokens(tokens: &[Vec<u32>], grid: &[usize], codebook: usize) -> Result<(), RuntimeError> {
     let bad = |m: String| Err(RuntimeError::BadInput(m));
     if tokens.is_empty() {
         return bad("no token grids to decode".into());

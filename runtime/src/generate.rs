@@ -13,7 +13,7 @@ use narx_graphs::{DType, Dim};
 
 use crate::backend::{Engine, GraphKind, HostTensor};
 use crate::decode::Decoded;
-use crate::guidance::{identity_mix, model_rows, CfgSchedule};
+use crate::guidance::{identity_mix, model_rows, uses_uncond_half, CfgSchedule};
 use crate::sampling::{sample_block, ImageRng, SamplingParams};
 use crate::scheduler::{Call, Order, WavefrontPlan};
 use crate::RuntimeError;
@@ -42,6 +42,62 @@ impl Prompts {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Whether these prompts fit `manifest`'s condition: at least one, of the model's kind,
+    /// class labels in range, caption features of the model's shape, and a null condition
+    /// when `cfg_scale` asks for guidance. Cheap, so a front end can ask before it opens
+    /// the model.
+    pub fn check(&self, manifest: &Manifest, cfg_scale: f32) -> Result<(), RuntimeError> {
+        let bad = |m: String| Err(RuntimeError::BadInput(m));
+        let batch = self.len();
+        if batch == 0 {
+            return bad("no prompts to generate".into());
+        }
+        match (&manifest.condition, self) {
+            (
+                Condition::Class {
+                    num_classes,
+                    null_class,
+                    ..
+                },
+                Prompts::Classes(labels),
+            ) => {
+                if let Some(&label) = labels.iter().find(|&&l| l < 0 || l >= *num_classes as i64) {
+                    return bad(format!(
+                        "class {label} is out of range: this model has classes 0..{}",
+                        num_classes.saturating_sub(1)
+                    ));
+                }
+                if uses_uncond_half(cfg_scale) && null_class.is_none() {
+                    return bad(
+                        "this model has no null class, so it cannot use guidance; pass --cfg-scale 1"
+                            .into(),
+                    );
+                }
+                Ok(())
+            }
+            (
+                Condition::Caption { tokens, dim },
+                Prompts::Captions {
+                    embeddings, mask, ..
+                },
+            ) => {
+                let (t, d) = (*tokens, *dim);
+                if embeddings.len() != batch * t * d || mask.len() != batch * t {
+                    return bad(format!(
+                        "caption embeddings must be ({batch}, {t}, {d}) with a ({batch}, {t}) mask"
+                    ));
+                }
+                Ok(())
+            }
+            (Condition::Class { .. }, Prompts::Captions { .. }) => {
+                bad("this is a class-conditional model: give class labels, not captions".into())
+            }
+            (Condition::Caption { .. }, Prompts::Classes(_)) => {
+                bad("this is a text-conditional model: give caption embeddings, not classes".into())
+            }
+        }
     }
 }
 
@@ -259,10 +315,8 @@ impl<E: Engine> Generator<E> {
         options.sampling.validate()?;
         let interval = usize::try_from(options.cfg_interval).ok();
         let schedule = CfgSchedule::new(options.cfg_scale, interval)?;
+        prompts.check(&self.manifest, options.cfg_scale)?;
         let batch = prompts.len();
-        if batch == 0 {
-            return Err(RuntimeError::BadInput("no prompts to generate".into()));
-        }
         let rows = model_rows(batch, options.cfg_scale);
         // Observers (calibration) see every row's outputs.
         let projection = self.projection(rows, batch, options.unguided_logits || observe.is_some());
@@ -392,6 +446,7 @@ impl<E: Engine> Generator<E> {
                 // The guided logits are known at each cell's candidates; the rest are −∞,
                 // which is what top-k makes of them on the host too.
                 CallLogits::Selected(candidates) => {
+                    candidates.check_ties(&options.sampling, vocab)?;
                     logits.clear();
                     guided.clear();
                     guided.resize(batch * produced * vocab, f32::NEG_INFINITY);
@@ -444,29 +499,19 @@ impl<E: Engine> Generator<E> {
         rows: usize,
     ) -> Result<(GraphKind, Inputs<E>), RuntimeError> {
         let batch = prompts.len();
-        let bad = |m: String| Err(RuntimeError::BadInput(m));
         match (&self.manifest.condition, prompts) {
             (
                 Condition::Class {
-                    num_classes,
                     null_class,
                     class_token_offset,
+                    ..
                 },
                 Prompts::Classes(labels),
             ) => {
-                if let Some(&label) = labels.iter().find(|&&l| l < 0 || l >= *num_classes as i64) {
-                    return bad(format!(
-                        "class {label} is out of range: this model has classes 0..{}",
-                        num_classes - 1
-                    ));
-                }
                 let mut all = labels.clone();
                 if rows > batch {
                     let null = null_class.ok_or_else(|| {
-                        RuntimeError::BadInput(
-                            "this model has no null class, so it cannot use guidance; pass --cfg-scale 1"
-                                .into(),
-                        )
+                        RuntimeError::BadInput("this model has no null class to guide with".into())
                     })?;
                     all.extend(std::iter::repeat_n(null as i64, batch));
                 }
@@ -494,11 +539,6 @@ impl<E: Engine> Generator<E> {
                 },
             ) => {
                 let (t, d) = (*tokens, *dim);
-                if embeddings.len() != batch * t * d || mask.len() != batch * t {
-                    return bad(format!(
-                        "caption embeddings must be ({batch}, {t}, {d}) with a ({batch}, {t}) mask"
-                    ));
-                }
                 let mut features = embeddings.clone();
                 let mut masks = mask.clone();
                 let mut null = vec![false; batch];
@@ -526,12 +566,9 @@ impl<E: Engine> Generator<E> {
                 ];
                 Ok((GraphKind::Prefill, inputs))
             }
-            (Condition::Class { .. }, Prompts::Captions { .. }) => {
-                bad("this is a class-conditional model: give class labels, not captions".into())
-            }
-            (Condition::Caption { .. }, Prompts::Classes(_)) => {
-                bad("this is a text-conditional model: give caption embeddings, not classes".into())
-            }
+            _ => Err(RuntimeError::BadInput(
+                "the prompts do not match the model's condition".into(),
+            )),
         }
     }
 
@@ -621,8 +658,22 @@ impl<E: Engine> Generator<E> {
     }
 }
 
+/// Candidates the selection graph returns past top-k. Its TopK returns exactly as many
+/// logits as asked, while top-k keeps every logit tied with the k-th largest (and the
+/// temperature's division can tie more): the margin carries those ties to the host's top-k.
+const TIE_MARGIN: usize = 64;
+
+/// How many candidates per cell the selection graph returns for `top_k` (0: all).
+fn candidate_count(top_k: usize, vocab: usize) -> usize {
+    if top_k == 0 {
+        vocab
+    } else {
+        top_k.saturating_add(TIE_MARGIN).min(vocab)
+    }
+}
+
 /// Runs the selection graph on a call's head logits (taken from `outputs`, which are
-/// `width` wide): each produced cell's `top_k` largest guided logits (all of them for 0).
+/// `width` wide): each produced cell's largest guided logits, [`candidate_count`] of them.
 /// `model` is the manifest and the manifest index of each head the plan reads.
 fn select<E: Engine>(
     engine: &mut E,
@@ -648,11 +699,7 @@ fn select<E: Engine>(
         }
         count[cell] = target.contributions().len() as f32;
     }
-    let k = if guidance.top_k == 0 {
-        vocab
-    } else {
-        guidance.top_k.min(vocab)
-    };
+    let k = candidate_count(guidance.top_k, vocab);
     let mut inputs = Vec::new();
     for head in &manifest.heads {
         let logits = take_output(engine, outputs, &head.output)?;
@@ -771,6 +818,31 @@ struct Candidates {
 }
 
 impl Candidates {
+    /// Fails where a cell's k-th largest logit, after the temperature, is tied through the
+    /// last candidate: more logits than came back may share it, and top-k keeps them all.
+    /// Such a cell is only possible with degenerate heads (many equal logits).
+    fn check_ties(&self, params: &SamplingParams, vocab: usize) -> Result<(), RuntimeError> {
+        if params.greedy || params.top_k == 0 || self.k >= vocab {
+            return Ok(());
+        }
+        let divisor = params.divisor();
+        for (row, values) in self.values.chunks_exact(self.k).enumerate() {
+            let (kth, last) = (values[params.top_k - 1], values[self.k - 1]);
+            if last / divisor >= kth / divisor {
+                return Err(RuntimeError::backend(
+                    "select",
+                    format!(
+                        "cell row {row}: the top-{} threshold {kth} is tied by more than \
+                         {TIE_MARGIN} further logits; top-k keeps every tie, which the device \
+                         selection cannot return: run with --select host",
+                        params.top_k
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Writes the candidates into `guided` (`(rows, vocab)`, filled with −∞).
     fn scatter(&self, vocab: usize, guided: &mut [f32]) -> Result<(), RuntimeError> {
         let rows = self.values.chunks(self.k).zip(self.ids.chunks(self.k));
@@ -901,5 +973,90 @@ pub fn natural_order(manifest: &Manifest) -> Order {
     match manifest.family {
         Family::LlamaGenC2i => Order::Raster,
         Family::NarC2i | Family::NarT2i | Family::NarVideo => Order::Nar,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn candidates(values: Vec<f32>, k: usize) -> Candidates {
+        let ids = (0..values.len()).map(|i| (i % k) as f32).collect();
+        Candidates { values, ids, k }
+    }
+
+    fn top_k(top_k: usize, temperature: f32) -> SamplingParams {
+        SamplingParams {
+            top_k,
+            temperature,
+            ..SamplingParams::default()
+        }
+    }
+
+    #[test]
+    fn candidates_cover_top_k_and_a_margin_for_ties() {
+        assert_eq!(candidate_count(0, 1000), 1000);
+        assert_eq!(candidate_count(10, 1000), 10 + TIE_MARGIN);
+        assert_eq!(candidate_count(990, 1000), 1000);
+        assert_eq!(candidate_count(usize::MAX, 1000), 1000);
+    }
+
+    #[test]
+    fn ties_through_the_last_candidate_are_refused() {
+        let vocab = 1000;
+        let k = 2 + TIE_MARGIN;
+        // The 2nd largest ends the ties in time in row 0; in row 1 it is tied to the end.
+        let mut fits = vec![5.0, 4.0, 4.0];
+        fits.resize(k, 1.0);
+        let mut overflows = vec![5.0];
+        overflows.resize(k, 4.0);
+        let rows = [fits.clone(), overflows].concat();
+        assert!(candidates(fits.clone(), k)
+            .check_ties(&top_k(2, 1.0), vocab)
+            .is_ok());
+        let error = candidates(rows.clone(), k)
+            .check_ties(&top_k(2, 1.0), vocab)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("cell row 1") && error.contains("--select host"),
+            "{error}"
+        );
+        // Greedy and top-k off need no threshold; all the vocabulary returned has every tie.
+        let greedy = SamplingParams {
+            greedy: true,
+            ..top_k(2, 1.0)
+        };
+        assert!(candidates(rows.clone(), k)
+            .check_ties(&greedy, vocab)
+            .is_ok());
+        assert!(candidates(rows.clone(), k)
+            .check_ties(&top_k(0, 1.0), vocab)
+            .is_ok());
+        assert!(candidates(rows, k).check_ties(&top_k(2, 1.0), k).is_ok());
+    }
+
+    /// The threshold is compared after the temperature, which can round neighbours together.
+    #[test]
+    fn ties_made_by_the_temperature_count() {
+        let k = 1 + TIE_MARGIN;
+        // Neighbouring floats that divide by 0.7 to the same quotient.
+        const BITS: u32 = 1_068_710_611; // 1.4002327
+        let kth = f32::from_bits(BITS);
+        let next = f32::from_bits(BITS - 1);
+        let divisor = 0.7;
+        assert_eq!(
+            kth / divisor,
+            next / divisor,
+            "the example must round together"
+        );
+        let mut row = vec![kth];
+        row.resize(k, next);
+        assert!(candidates(row.clone(), k)
+            .check_ties(&top_k(1, 1.0), 1000)
+            .is_ok());
+        assert!(candidates(row, k)
+            .check_ties(&top_k(1, divisor), 1000)
+            .is_err());
     }
 }

@@ -96,11 +96,6 @@ impl CfgSchedule {
         self.scale
     }
 
-    /// The token count past which guidance stops, if any.
-    pub fn interval(&self) -> Option<usize> {
-        self.interval
-    }
-
     /// Whether the model batch carries an uncond half (see [`uses_uncond_half`]).
     pub fn uses_uncond_half(&self) -> bool {
         uses_uncond_half(self.scale)

@@ -5,7 +5,8 @@
 //! Draws are reproducible per image: each image owns an [`ImageRng`] keyed by the run seed
 //! and its index, so its tokens do not depend on which batch it was generated in. Bit-exact
 //! agreement with upstream's draws is impossible (PyTorch's RNG stream), so the draw itself is
-//! also exposed with an injected uniform ([`sample_row_with_uniform`]).
+//! also exposed with an injected uniform ([`sample_row_with_uniform`]), which pins down the
+//! inverse-CDF rule the tests check.
 
 use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -79,6 +80,11 @@ impl SamplingParams {
         }
         Ok(())
     }
+
+    /// What logits are divided by before filtering: `max(temperature, 1e-5)`.
+    pub fn divisor(&self) -> f32 {
+        self.temperature.max(MIN_TEMPERATURE)
+    }
 }
 
 /// The random stream of one image: ChaCha8 seeded from the run seed, with the stream (nonce)
@@ -145,8 +151,8 @@ pub fn sample_row<R: Rng + ?Sized>(
     sample_row_with_uniform(logits, params, u)
 }
 
-/// [`sample_row`] with the uniform supplied by the caller (for conformance tests that inject
-/// upstream's draws). `u` must lie in [0, 1); the token is the first whose cumulative
+/// [`sample_row`] with the uniform supplied by the caller, so that a given draw's token can be
+/// checked. `u` must lie in [0, 1); the token is the first whose cumulative
 /// probability, in vocabulary order, exceeds `u` times the total.
 pub fn sample_row_with_uniform(
     logits: &[f32],
@@ -191,7 +197,7 @@ impl RowSampler {
 
     /// Temperature, top-k, then top-p, into `survivors`.
     fn filter(&mut self, logits: &[f32], params: &SamplingParams) -> Result<(), SamplingError> {
-        let divisor = params.temperature.max(MIN_TEMPERATURE);
+        let divisor = params.divisor();
         // x / 1 is x exactly, so the common temperature skips the copy.
         let values: &[f32] = if divisor == 1.0 {
             logits

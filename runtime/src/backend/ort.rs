@@ -352,12 +352,6 @@ pub fn init(library: &Path) -> Result<(), RuntimeError> {
     environment(library).map(|_| ())
 }
 
-/// The library loaded by [`init`], if any.
-pub fn loaded_library() -> Option<PathBuf> {
-    let guard = RUNTIME.lock().unwrap_or_else(|e| e.into_inner());
-    guard.as_ref().map(|l| l.library.clone())
-}
-
 fn environment(library: &Path) -> Result<Environment, RuntimeError> {
     // Absolute and symlink-free: ort resolves relative paths against the executable's folder,
     // and two spellings of one file must count as the same library.
@@ -431,7 +425,6 @@ fn build_environment(
 /// A model's graphs as ONNX Runtime sessions on one execution provider.
 pub struct OrtEngine {
     sessions: HashMap<GraphKind, Session>,
-    library: PathBuf,
     provider: String,
     /// Where resident outputs go (the provider's device) and where the rest go (the host).
     device: MemoryInfo<'static>,
@@ -483,12 +476,14 @@ impl OrtEngine {
             ExecutionProvider::Cpu => memory(AllocationDevice::CPU, 0)?,
             ExecutionProvider::Cuda(CudaOptions { device_id, .. })
             | ExecutionProvider::TensorRt(TensorRtOptions { device_id, .. }) => {
-                memory(AllocationDevice::CUDA, *device_id as i32)?
+                let id = i32::try_from(*device_id).map_err(|_| {
+                    RuntimeError::BadInput(format!("device id {device_id} is out of range"))
+                })?;
+                memory(AllocationDevice::CUDA, id)?
             }
         };
         Ok(OrtEngine {
             sessions,
-            library,
             provider: options.provider.to_string(),
             device,
             host: memory(AllocationDevice::CPU, 0)?,
@@ -498,11 +493,6 @@ impl OrtEngine {
                 .as_deref()
                 .map(|carried| Box::new(FixedStep::new(carried))),
         })
-    }
-
-    /// The ONNX Runtime library in use.
-    pub fn library(&self) -> &Path {
-        &self.library
     }
 
     /// With [`OrtOptions::fixed_step_buffers`], the bytes copied into the step's buffers so
@@ -1210,6 +1200,12 @@ mod tests {
     fn text_file_is_not_a_library() {
         library();
         assert_eq!(NOT_A_LIBRARY.get(), Some(&Ok(())));
+    }
+
+    /// The library loaded by [`init`], if any.
+    fn loaded_library() -> Option<PathBuf> {
+        let guard = RUNTIME.lock().unwrap_or_else(|e| e.into_inner());
+        guard.as_ref().map(|l| l.library.clone())
     }
 
     #[test]
