@@ -380,19 +380,19 @@ fn outline(frame: &mut RgbImage, x0: u32, y0: u32, size: u32) {
     }
 }
 
-/// Whether pixel `(x, y)` lies on the 1-px border of its `patch`-pixel cell: the pixels that
-/// [`trace_frames`] may paint with [`OUTLINE`].
-fn on_cell_border(x: u32, y: u32, patch: u32) -> bool {
-    patch != 0 && {
-        let (px, py) = (x % patch, y % patch);
-        px == 0 || py == 0 || px == patch - 1 || py == patch - 1
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use image::AnimationDecoder;
+
+    /// Whether pixel `(x, y)` lies on the 1-px border of its `patch`-pixel cell: the pixels that
+    /// [`trace_frames`] may paint with [`OUTLINE`].
+    fn on_cell_border(x: u32, y: u32, patch: u32) -> bool {
+        patch != 0 && {
+            let (px, py) = (x % patch, y % patch);
+            px == 0 || py == 0 || px == patch - 1 || py == patch - 1
+        }
+    }
 
     const IMAGE_HEADS: [usize; 2] = [1, 0];
 
