@@ -44,7 +44,14 @@ impl RuntimeError {
     pub fn is_bad_input(&self) -> bool {
         match self {
             RuntimeError::BadInput(_) | RuntimeError::OrtLibrary(_) => true,
-            RuntimeError::Guidance(_) | RuntimeError::Sampling(_) => true,
+            RuntimeError::Guidance(e) => matches!(e, guidance::GuidanceError::InvalidScale(_)),
+            // The settings are the user's; a row the model made non-finite, or a worker
+            // that died, is not.
+            RuntimeError::Sampling(e) => matches!(
+                e,
+                sampling::SamplingError::InvalidTemperature(_)
+                    | sampling::SamplingError::InvalidTopP(_)
+            ),
             RuntimeError::Manifest(e) => !matches!(e, narx_graphs::GraphError::Io { .. }),
             RuntimeError::Backend { .. } | RuntimeError::Plan(_) | RuntimeError::Provider(_) => {
                 false
@@ -57,5 +64,33 @@ impl RuntimeError {
             backend: backend.to_string(),
             message: message.to_string(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_are_the_users_fault_and_model_faults_are_not() {
+        let bad_settings = [
+            RuntimeError::from(sampling::SamplingError::InvalidTopP(2.0)),
+            RuntimeError::from(sampling::SamplingError::InvalidTemperature(-1.0)),
+            RuntimeError::from(guidance::GuidanceError::InvalidScale(f32::NAN)),
+        ];
+        assert!(bad_settings.iter().all(RuntimeError::is_bad_input));
+        let failures = [
+            RuntimeError::from(sampling::SamplingError::NonFiniteLogit {
+                index: 3,
+                value: f32::NAN,
+            }),
+            RuntimeError::from(sampling::SamplingError::WorkerPanicked),
+            RuntimeError::from(guidance::GuidanceError::LengthMismatch {
+                what: "uncond logits",
+                expected: 2,
+                got: 1,
+            }),
+        ];
+        assert!(!failures.iter().any(RuntimeError::is_bad_input));
     }
 }

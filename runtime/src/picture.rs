@@ -261,8 +261,9 @@ fn partial_path(path: &Path) -> Result<PathBuf, RuntimeError> {
 }
 
 /// Writes `bytes` to a temporary sibling, syncs it and renames it over `path`, removing the
-/// temporary if any step fails so a failed write leaves nothing behind.
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), RuntimeError> {
+/// temporary if any step fails so a failed write leaves nothing behind. Errors are
+/// [`RuntimeError::BadInput`] naming `path`.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), RuntimeError> {
     let partial = partial_path(path)?;
     let result = File::create(&partial).and_then(|mut file| {
         file.write_all(bytes)?;

@@ -85,6 +85,8 @@ pub fn clip_sheet(clips: &[Clip], columns: usize) -> Result<Clip, RuntimeError> 
 
 /// Writes every frame of every clip as `dir/clip-{i}-frame-{f}.png` (numbers zero-padded
 /// so the names sort in time order); creates `dir` if needed. Returns the files written.
+/// When one frame cannot be written, the frames written before it are removed again, so a
+/// failed run leaves no partial clip behind.
 pub fn write_frames(dir: &Path, clips: &[Clip]) -> Result<Vec<PathBuf>, RuntimeError> {
     std::fs::create_dir_all(dir)
         .map_err(|e| RuntimeError::BadInput(format!("cannot create {}: {e}", dir.display())))?;
@@ -92,7 +94,13 @@ pub fn write_frames(dir: &Path, clips: &[Clip]) -> Result<Vec<PathBuf>, RuntimeE
     for (i, clip) in clips.iter().enumerate() {
         for (f, frame) in clip.iter().enumerate() {
             let path = dir.join(format!("clip-{i}-frame-{f:03}.png"));
-            write_png(&path, frame)?;
+            if let Err(e) = write_png(&path, frame) {
+                for path in &written {
+                    // Best effort: the error that matters is the one returned.
+                    let _ = std::fs::remove_file(path);
+                }
+                return Err(e);
+            }
             written.push(path);
         }
     }
@@ -143,5 +151,20 @@ mod tests {
         assert!(check_fps(MAX_FPS).is_ok());
         assert!(matches!(check_fps(0), Err(RuntimeError::BadInput(_))));
         assert!(matches!(check_fps(101), Err(RuntimeError::BadInput(_))));
+    }
+
+    #[test]
+    fn a_failed_frame_removes_the_frames_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        // A directory where the second frame goes: its rename fails.
+        std::fs::create_dir(dir.path().join("clip-0-frame-001.png")).unwrap();
+        let clip: Clip = vec![RgbImage::new(2, 2); 3];
+        let error = write_frames(dir.path(), &[clip]).unwrap_err().to_string();
+        assert!(error.contains("clip-0-frame-001.png"), "{error}");
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(left, ["clip-0-frame-001.png"]);
     }
 }

@@ -95,20 +95,3 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
     }
     1
 }
-
-/// Writes `bytes` to `path` through a temporary sibling and a rename, so a reader never sees
-/// a half-written file and a failure leaves none.
-pub fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
-    use anyhow::Context;
-    let name = path
-        .file_name()
-        .ok_or_else(|| BadInput(format!("{} is not a file name", path.display())))?;
-    let temp = path.with_file_name(format!(".{}.partial", name.to_string_lossy()));
-    let result = std::fs::write(&temp, bytes).and_then(|()| std::fs::rename(&temp, path));
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&temp);
-        return Err(BadInput(format!("cannot write {}: {e}", path.display())))
-            .context("writing output");
-    }
-    Ok(())
-}

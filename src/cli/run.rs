@@ -14,9 +14,9 @@ use narx_runtime::sampling::SamplingParams;
 
 use super::backend::BackendArgs;
 use super::output::{require_decoder, OutputArgs};
-use super::{write_atomically, BadInput};
+use super::BadInput;
 use narx_runtime::decode::Decoded;
-use narx_runtime::picture::{trace_frames, write_gif, LAST_FRAME_HOLD};
+use narx_runtime::picture::{trace_frames, write_atomically, write_gif, LAST_FRAME_HOLD};
 use narx_runtime::scheduler::Order;
 
 #[derive(Args)]
