@@ -103,7 +103,8 @@ impl GpuOptions {
             ep_context: cache(&settings.engine_cache),
         };
         options.validate()?;
-        Ok(options)
+        let files: Vec<PathBuf> = manifest.files().iter().map(|f| dir.join(f)).collect();
+        Ok(options.keyed_by(&files))
     }
 }
 

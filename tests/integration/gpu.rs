@@ -37,19 +37,31 @@ fn exports_carry_tensorrt_profiles_covering_every_dynamic_input() {
     assert!(shapes.max.contains("positions:8"), "{}", shapes.max);
 
     // The manifest's TensorRT settings, resolved against the directory and overridden.
+    // Engines go in a folder of `trt-cache/` per precision and model files.
     let trt = GpuOptions::default().tensorrt(&manifest, &dir).unwrap();
-    assert_eq!(trt.engine_cache, Some(dir.join("trt-cache")));
+    let engines = trt.engine_cache.clone().unwrap();
+    assert_eq!(engines.parent(), Some(dir.join("trt-cache").as_path()));
+    assert_eq!(trt.timing_cache, Some(dir.join("trt-cache")));
     // EP-context models go with the engines; a graph's is used once a run has written it.
-    assert_eq!(trt.ep_context, Some(dir.join("trt-cache")));
+    assert_eq!(trt.ep_context, Some(engines.clone()));
     let step = dir.join(&manifest.graphs.step.file);
     assert_eq!(trt.ep_context_model(&step), None);
-    std::fs::create_dir_all(dir.join("trt-cache")).unwrap();
-    std::fs::write(dir.join("trt-cache/step_ctx.onnx"), b"").unwrap();
+    std::fs::create_dir_all(&engines).unwrap();
+    std::fs::write(engines.join("step_ctx.onnx"), b"").unwrap();
     assert_eq!(
         trt.ep_context_model(&step),
-        Some(dir.join("trt-cache/step_ctx.onnx"))
+        Some(engines.join("step_ctx.onnx"))
     );
     std::fs::remove_dir_all(dir.join("trt-cache")).unwrap();
+    // Another precision does not load those engines.
+    let fp16 = GpuOptions {
+        fp16: Some(true),
+        ..GpuOptions::default()
+    };
+    assert_ne!(
+        fp16.tensorrt(&manifest, &dir).unwrap().engine_cache,
+        Some(engines)
+    );
     assert_eq!(trt.builder_optimization_level, 3);
     assert!(!trt.fp16);
     let flags = GpuOptions {

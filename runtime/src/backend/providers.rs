@@ -127,6 +127,57 @@ pub struct TensorRtOptions {
     pub ep_context: Option<PathBuf>,
 }
 
+/// 64-bit FNV-1a: a hash that stays the same across builds, so engine folders do too.
+struct Fnv1a(u64);
+
+impl Default for Fnv1a {
+    fn default() -> Self {
+        Fnv1a(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Fnv1a {
+    fn bytes(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    /// A file's name, size and contents: all of a small file, and of a large one (the
+    /// weights) 256 evenly spaced runs of 256 bytes, which any re-export with other weights
+    /// changes, at a cost that does not grow with the model. Not modification times: a
+    /// packaged copy of the model must find the engines built for it. An unreadable file
+    /// hashes as empty; the session that reads it reports the error.
+    fn file(&mut self, path: &Path) {
+        use std::io::{Read, Seek, SeekFrom};
+        const RUNS: u64 = 256;
+        const RUN: u64 = 256;
+        self.bytes(path.file_name().unwrap_or_default().as_encoded_bytes());
+        let Ok(mut file) = std::fs::File::open(path) else {
+            return;
+        };
+        let len = file.metadata().map_or(0, |m| m.len());
+        self.bytes(&len.to_le_bytes());
+        let mut run = Vec::new();
+        if len <= RUNS * RUN {
+            if file.read_to_end(&mut run).is_ok() {
+                self.bytes(&run);
+            }
+            return;
+        }
+        for i in 0..RUNS {
+            run.clear();
+            let at = (len - RUN) / (RUNS - 1) * i;
+            let read = file
+                .seek(SeekFrom::Start(at))
+                .and_then(|_| (&mut file).take(RUN).read_to_end(&mut run));
+            if read.is_ok() {
+                self.bytes(&run);
+            }
+        }
+    }
+}
+
 /// Where TensorRT's INT8 ranges come from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TensorRtInt8 {
@@ -167,6 +218,41 @@ impl TensorRtOptions {
             ));
         }
         Ok(())
+    }
+
+    /// These options with the engine cache and the EP-context models in a subfolder named
+    /// after what TensorRT bakes into an engine: the precision, the builder level and the
+    /// model's `files` (see [`Fnv1a::file`]). Neither ONNX Runtime's
+    /// engine cache nor an EP-context model notices when those change, so a run with other
+    /// precision flags, or after a re-export, builds its own engines instead of loading stale
+    /// ones. The timing cache stays shared: its timings hold for any engine.
+    pub fn keyed_by(mut self, files: &[PathBuf]) -> Self {
+        let mut precision = String::from("fp32");
+        for (on, name) in [(self.fp16, "fp16"), (self.bf16, "bf16")] {
+            if on {
+                precision += "-";
+                precision += name;
+            }
+        }
+        let mut fingerprint = Fnv1a::default();
+        match &self.int8 {
+            None => {}
+            Some(TensorRtInt8::Qdq) => precision += "-int8qdq",
+            Some(TensorRtInt8::Table(table)) => {
+                precision += "-int8table";
+                fingerprint.file(table);
+            }
+        }
+        for file in files {
+            fingerprint.file(file);
+        }
+        let key = format!(
+            "{precision}-o{}-{:016x}",
+            self.builder_optimization_level, fingerprint.0
+        );
+        self.engine_cache = self.engine_cache.map(|dir| dir.join(&key));
+        self.ep_context = self.ep_context.map(|dir| dir.join(&key));
+        self
     }
 
     /// The EP-context model an earlier run wrote for `graph` (`step.onnx` →
@@ -424,5 +510,63 @@ mod tests {
         let trt = ExecutionProvider::TensorRt(TensorRtOptions::default());
         assert!(!trt.cuda_graph() && !ExecutionProvider::Cpu.cuda_graph());
         assert_eq!(trt.without_cuda_graph(), trt);
+    }
+
+    #[test]
+    fn engines_are_kept_per_precision_and_per_model() {
+        let temp = tempfile::tempdir().unwrap();
+        let (graph, weights) = (
+            temp.path().join("step.onnx"),
+            temp.path().join("weights.bin"),
+        );
+        std::fs::write(&graph, b"graph").unwrap();
+        let mut bytes: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&weights, &bytes).unwrap();
+        let files = [graph, weights.clone()];
+        let cache = temp.path().join("trt-cache");
+        let base = TensorRtOptions {
+            engine_cache: Some(cache.clone()),
+            timing_cache: Some(cache.clone()),
+            ep_context: Some(cache.clone()),
+            ..TensorRtOptions::default()
+        };
+        let folder = |options: &TensorRtOptions| {
+            let keyed = options.clone().keyed_by(&files);
+            assert_eq!(keyed.ep_context, keyed.engine_cache);
+            assert_eq!(
+                keyed.timing_cache,
+                Some(cache.clone()),
+                "timings stay shared"
+            );
+            let folder = keyed.engine_cache.unwrap();
+            assert_eq!(folder.parent(), Some(cache.as_path()));
+            folder.file_name().unwrap().to_string_lossy().into_owned()
+        };
+        let plain = folder(&base);
+        assert!(plain.starts_with("fp32-o3-"), "{plain}");
+        assert_eq!(
+            folder(&base),
+            plain,
+            "the same settings find the same engines"
+        );
+        let fp16 = TensorRtOptions {
+            fp16: true,
+            ..base.clone()
+        };
+        assert!(folder(&fp16).starts_with("fp32-fp16-o3-"));
+        let int8 = TensorRtOptions {
+            int8: Some(TensorRtInt8::Qdq),
+            builder_optimization_level: 5,
+            ..base.clone()
+        };
+        assert!(folder(&int8).starts_with("fp32-int8qdq-o5-"));
+        // Weights of the same size but other values (a re-export of another checkpoint).
+        let sampled = 150_000 - 150_000 % ((200_000 - 256) / 255);
+        bytes[sampled] ^= 0xff;
+        std::fs::write(&weights, &bytes).unwrap();
+        assert_ne!(folder(&base), plain);
+        // No cache: nothing to key.
+        let none = TensorRtOptions::default().keyed_by(&files);
+        assert_eq!((none.engine_cache, none.ep_context), (None, None));
     }
 }
