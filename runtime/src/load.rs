@@ -4,7 +4,9 @@ use std::path::{Path, PathBuf};
 
 use narx_graphs::manifest::{CacheLayout, Condition, Manifest};
 
-use crate::backend::ort::{find_library, init, provider_available, OrtEngine, OrtOptions};
+use crate::backend::ort::{
+    find_library, init, library_was_named, provider_available, OrtEngine, OrtOptions,
+};
 use crate::backend::providers::{
     CudaOptions, ExecutionProvider, ProfileShapes, TensorRtInt8, TensorRtOptions,
 };
@@ -272,12 +274,14 @@ impl AnyGenerator {
             Provider::Cpu => (vec![Some(ExecutionProvider::Cpu)], None),
             Provider::Cuda => (vec![Some(cuda)], None),
             Provider::TensorRt => (vec![Some(tensorrt)], None),
-            Provider::Auto => match find_library(ort.library.as_deref()) {
+            Provider::Auto => match find_library(ort.library.as_deref())
+                .and_then(|path| init(&path).map(|()| path))
+            {
                 Ok(path) => {
-                    init(&path)?;
                     let mut candidates = Vec::new();
                     for gpu in [tensorrt, cuda] {
-                        if provider_available(&gpu)? {
+                        // A library that cannot list its providers has none to offer.
+                        if provider_available(&gpu).unwrap_or(false) {
                             candidates.push(Some(gpu));
                         }
                     }
@@ -286,6 +290,14 @@ impl AnyGenerator {
                         candidates,
                         Some(format!("ONNX Runtime at {}", path.display())),
                     )
+                }
+                // A library the user named that exists but does not load is their mistake to
+                // hear about; one narx found (too old, a broken install) is passed over.
+                Err(e @ RuntimeError::OrtLibrary(_))
+                    if library_was_named(ort.library.as_deref())
+                        && find_library(ort.library.as_deref()).is_ok() =>
+                {
+                    return Err(e)
                 }
                 Err(e) => (vec![None], Some(format!("using tract ({e})"))),
             },
@@ -324,10 +336,9 @@ impl AnyGenerator {
                     let note = note.map(|n| format!("using the {name} provider of {n}"));
                     return Ok((AnyGenerator::Ort(generator), note));
                 }
-                // `auto` says why it moves on; an explicit provider fails.
+                // `auto` says why it moved on; an explicit provider fails.
                 Err(RuntimeError::Provider(why)) if i < last => {
-                    eprintln!("narx: not using {name}: {why}");
-                    note = note.map(|n| format!("{n} (after {name} failed)"));
+                    note = note.map(|n| format!("{n} (not {name}: {why})"));
                 }
                 Err(e) => return Err(e),
             }

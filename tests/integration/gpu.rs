@@ -135,6 +135,39 @@ fn gpu_providers_without_a_gpu_build_fail_with_what_is_missing() {
     assert!(stderr(&output).contains("using the cpu provider of ONNX Runtime"));
 }
 
+/// `auto` passes over an ONNX Runtime it found that does not load (too old, broken) and
+/// generates on tract; one the user named must load.
+#[test]
+fn auto_passes_over_a_broken_library_it_found_but_not_one_named() {
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path().join("model");
+    export_fixture("nar-c2i-tiny", "model.safetensors", &dir, DType::F32);
+    let libs = temp.path().join("lib");
+    std::fs::create_dir(&libs).unwrap();
+    let broken = libs.join("libonnxruntime.so");
+    std::fs::write(&broken, "not a library").unwrap();
+    let run = |named: Option<&std::path::Path>| {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_narx"));
+        command
+            .args(["run", dir.to_str().unwrap(), "--class", "1"])
+            .env("LD_LIBRARY_PATH", &libs)
+            .env_remove("ORT_DYLIB_PATH");
+        if let Some(named) = named {
+            command.arg("--ort-lib").arg(named);
+        }
+        command.output().unwrap()
+    };
+    let found = run(None);
+    let err = stderr(&found);
+    assert!(found.status.success(), "{err}");
+    assert!(
+        err.contains("using tract") && err.contains("libonnxruntime.so"),
+        "{err}"
+    );
+    let named = run(Some(&broken));
+    assert_bad_input(&named, &["libonnxruntime.so"]);
+}
+
 #[test]
 fn cuda_graphs_replay_static_exports_on_gpu_providers_only() {
     let temp = tempfile::tempdir().unwrap();

@@ -78,11 +78,8 @@ impl Default for OrtOptions {
 /// folder holding it; if what they name is missing that is an error, not a reason to look
 /// elsewhere, so a typo never silently loads another library.
 pub fn find_library(explicit: Option<&Path>) -> Result<PathBuf, RuntimeError> {
-    if let Some(path) = explicit {
-        return given_library(path, "--ort-lib");
-    }
-    if let Some(value) = env::var_os("ORT_DYLIB_PATH").filter(|v| !v.is_empty()) {
-        return given_library(Path::new(&value), "ORT_DYLIB_PATH");
+    if let Some((path, source)) = named_library(explicit) {
+        return given_library(&path, source);
     }
     for dir in system_dirs() {
         if let Some(found) = library_in_dir(&dir) {
@@ -103,6 +100,22 @@ pub fn find_library(explicit: Option<&Path>) -> Result<PathBuf, RuntimeError> {
         return Ok(found);
     }
     Err(RuntimeError::OrtLibrary(not_found_message()))
+}
+
+/// The library the user named, and where (`--ort-lib`, else `ORT_DYLIB_PATH`), if any.
+fn named_library(explicit: Option<&Path>) -> Option<(PathBuf, &'static str)> {
+    if let Some(path) = explicit {
+        return Some((path.to_path_buf(), "--ort-lib"));
+    }
+    env::var_os("ORT_DYLIB_PATH")
+        .filter(|v| !v.is_empty())
+        .map(|value| (PathBuf::from(value), "ORT_DYLIB_PATH"))
+}
+
+/// Whether the user named a library ([`find_library`]'s first two places) rather than narx
+/// finding one: a named library must load, a found one may be passed over.
+pub fn library_was_named(explicit: Option<&Path>) -> bool {
+    named_library(explicit).is_some()
 }
 
 /// A library path given by the user (flag or environment): it must exist.
