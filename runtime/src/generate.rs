@@ -122,12 +122,12 @@ pub struct CallReport<'a> {
     pub calls: usize,
     /// Model batch rows (both guidance halves).
     pub rows: usize,
-    /// Assembled logits `(rows, produced, vocab)`, before guidance; empty when the
-    /// selection graph ran (they stayed on the device) or the heads projected the guided mix
-    /// ([`GenerateOptions::unguided_logits`]).
+    /// Assembled logits `(rows, produced, vocab)`, before guidance; empty unless
+    /// [`GenerateOptions::unguided_logits`] asked for them (the heads otherwise project the
+    /// guided mix, and a selection graph keeps them on the device).
     pub logits: &'a [f32],
     /// Guided logits `(prompts, produced, vocab)`; after the selection graph, −∞ outside
-    /// each cell's top-k candidates.
+    /// each cell's candidates (top-k's and a margin for its ties).
     pub guided: &'a [f32],
     /// Chosen tokens `(prompts, produced)`, in wavefront order.
     pub tokens: &'a [u32],
@@ -318,8 +318,10 @@ impl<E: Engine> Generator<E> {
         prompts.check(&self.manifest, options.cfg_scale)?;
         let batch = prompts.len();
         let rows = model_rows(batch, options.cfg_scale);
-        // Observers (calibration) see every row's outputs.
-        let projection = self.projection(rows, batch, options.unguided_logits || observe.is_some());
+        // Observers (calibration) see every row's outputs, and every row's logits come back
+        // to the host (not through the selection graph) when asked for.
+        let every_row_logits = options.unguided_logits || observe.is_some();
+        let projection = self.projection(rows, batch, every_row_logits);
         let head_rows = projection.rows(rows, batch);
         let vocab = self.manifest.vocab_size;
         let cells = self.plan.cell_count();
@@ -383,8 +385,8 @@ impl<E: Engine> Generator<E> {
                 _ => call.input_len(),
             };
             // With a selection graph, the head logits stay where they are and only each
-            // cell's top-k guided logits come back.
-            let call_logits = if self.engine.has(GraphKind::Select) {
+            // cell's top-k guided logits come back; unless every row's logits were asked for.
+            let call_logits = if self.engine.has(GraphKind::Select) && !every_row_logits {
                 let guidance = Guidance {
                     rows: head_rows,
                     prompts: batch,

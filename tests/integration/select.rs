@@ -139,3 +139,52 @@ fn t2i_selection_on_the_device_matches_the_host() {
 fn video_selection_on_the_device_matches_the_host() {
     selection_matches_the_host("nar-video-tiny");
 }
+
+/// Asked for every row's logits before guidance, a generator with the selection graph
+/// brings the heads' logits to the host as one without it does.
+#[test]
+fn unguided_logits_bypass_the_selection() {
+    let name = "nar-c2i-tiny";
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path().join("model");
+    export_fixture_as(
+        name,
+        "model.safetensors",
+        &dir,
+        DType::F32,
+        CacheLayout::Append,
+    );
+    let files = chosen_graphs(
+        &dir,
+        GraphChoice {
+            step_runs_prefill: true,
+            select: true,
+        },
+    );
+    let tract = TractEngine::load(&files.as_paths(), Some(2)).unwrap();
+    let mut selecting = Generator::new(Manifest::load(&dir).unwrap(), tract).unwrap();
+    let mut host = tract_generator(&dir);
+    let options = GenerateOptions {
+        cfg_scale: 4.0,
+        cfg_interval: -1,
+        sampling: SamplingParams {
+            greedy: true,
+            ..SamplingParams::default()
+        },
+        seed: 0,
+        unguided_logits: true,
+    };
+    let reference = Reference::load(name);
+    let logits = |generator: &mut Generator<TractEngine>| {
+        let mut calls = Vec::new();
+        generator
+            .generate(&prompts(name, &reference), &options, &mut |r| {
+                calls.push(r.logits.to_vec())
+            })
+            .unwrap();
+        calls
+    };
+    let (got, want) = (logits(&mut selecting), logits(&mut host));
+    assert!(got.iter().all(|call| !call.is_empty()));
+    assert_eq!(got, want);
+}
