@@ -11,6 +11,11 @@
 /// Blocks up to this size come from the heap.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 const MMAP_THRESHOLD: libc::c_int = 256 << 20;
+/// The upper limit mallopt(3) documents on 64-bit systems, which some glibc releases
+/// enforce: where the larger threshold is refused, this one still keeps every block up to
+/// a batch-1 NAR-B cache.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+const OLD_GLIBC_MMAP_THRESHOLD: libc::c_int = 32 << 20;
 /// The heap gives memory back to the kernel only when this much is free at its top.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 const TRIM_THRESHOLD: libc::c_int = 1 << 30;
@@ -23,10 +28,11 @@ pub fn keep_freed_blocks() -> bool {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
         // SAFETY: mallopt only sets malloc's parameters, under malloc's own lock.
-        unsafe {
-            libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
-                && libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
-        }
+        let set = |option, value| unsafe { libc::mallopt(option, value) == 1 };
+        let mmap = set(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+            || set(libc::M_MMAP_THRESHOLD, OLD_GLIBC_MMAP_THRESHOLD);
+        let trim = set(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD);
+        mmap && trim
     }
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
     false
