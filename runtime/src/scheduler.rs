@@ -125,7 +125,7 @@ impl ProducedCell {
     }
 
     /// The predictions that reach the cell, in summation order (ascending input index, as
-    /// upstream accumulates them; the order matters for rounding in bf16). Never empty.
+    /// upstream accumulates them; the order matters for rounding). Never empty.
     pub fn contributions(&self) -> &[Contribution] {
         &self.contributions
     }
@@ -185,7 +185,8 @@ impl Call {
     /// `heads[h]` holds head `h`'s logits laid out `(rows, input_len, vocab)`, `rows` being the
     /// model batch (both guidance halves included). Writes `(rows, output_len, vocab)` into
     /// `out`: for each produced cell the sum of its contributions in order, then divided by
-    /// their count, all in f32 (the image model's fp32 averaging).
+    /// their count, all in f32: the image model's averaging exactly; upstream's video model
+    /// averages in bf16, which float32 exports do not reproduce (their logits are float32).
     pub fn assemble(
         &self,
         heads: &[&[f32]],
@@ -292,10 +293,11 @@ pub struct WavefrontPlan {
 impl WavefrontPlan {
     /// Plans the generation of `grid` (extents, e.g. `[rows, cols]` or `[T, H, W]`) with
     /// dimension heads where head `h` predicts the neighbour at +1 along `head_axes[h]`
-    /// (image: `[1, 0]` = right, below; video: `[2, 1, 0]` = right, down, back).
+    /// (image: `[1, 0]` = right, below; video: `[2, 0, 1]` = right, next frame, down, the
+    /// R, B, D of upstream).
     ///
-    /// The head order fixes only the prefill's summation order; upstream's video prefill
-    /// sums R + B + D, i.e. head axes `[2, 0, 1]`.
+    /// The head order fixes only the prefill's summation order: upstream's video prefill
+    /// sums R + B + D.
     pub fn new(grid: &[usize], head_axes: &[usize]) -> Result<Self, PlanError> {
         let (raster_cells, strides) = raster_cells(grid)?;
         validate_heads(grid, head_axes)?;
@@ -511,7 +513,8 @@ mod tests {
     use proptest::prelude::*;
 
     const IMAGE_HEADS: [usize; 2] = [1, 0];
-    const VIDEO_HEADS: [usize; 3] = [2, 1, 0];
+    /// Upstream's R, B, D (as the video manifest lists them).
+    const VIDEO_HEADS: [usize; 3] = [2, 0, 1];
 
     /// Every cell of `grid` in lexicographic order, by an odometer independent of the plan.
     fn all_coords(grid: &[usize]) -> Vec<Vec<usize>> {
@@ -915,11 +918,16 @@ mod tests {
     #[test]
     fn video_example_2x2x2() {
         const R: usize = 0;
-        const D: usize = 1;
-        const B: usize = 2;
+        const B: usize = 1;
+        const D: usize = 2;
         let plan = WavefrontPlan::new(&[2, 2, 2], &VIDEO_HEADS).unwrap();
         let calls = plan.calls();
         assert_eq!(calls.len(), 2 + 2 + 2 - 2);
+
+        // The prefill's one cell sums R + B + D, as upstream does.
+        let prefill = &calls[0].produced()[0];
+        let heads: Vec<usize> = prefill.contributions().iter().map(|c| c.head).collect();
+        assert_eq!(heads, [R, B, D]);
 
         let fed2: Vec<&[usize]> = calls[2].fed().iter().map(Cell::coords).collect();
         assert_eq!(fed2, [&[0, 0, 1][..], &[0, 1, 0], &[1, 0, 0]]);
@@ -953,7 +961,7 @@ mod tests {
         let d = [0.0, -1.0e8, 0.0];
         let b = [1.0e8, 0.0, 0.0];
         let mut out = [0.0];
-        calls[3].assemble(&[&r, &d, &b], 1, 1, &mut out).unwrap();
+        calls[3].assemble(&[&r, &b, &d], 1, 1, &mut out).unwrap();
         assert_eq!(out, [1.0 / 3.0]);
 
         // (0,1,1) = (D₀ + R₁) / 2.
@@ -961,7 +969,7 @@ mod tests {
         let d = [3.0, 100.0, 100.0];
         let b = [100.0, 100.0, 100.0];
         let mut out = [0.0; 3];
-        calls[2].assemble(&[&r, &d, &b], 1, 1, &mut out).unwrap();
+        calls[2].assemble(&[&r, &b, &d], 1, 1, &mut out).unwrap();
         assert_eq!(out[0], (3.0 + 7.0) / 2.0);
     }
 

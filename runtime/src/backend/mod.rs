@@ -25,7 +25,7 @@ pub enum GraphKind {
     Step,
     /// Assembly, guidance and top-k of a call's logits (`narx_graphs::select`).
     Select,
-    /// The VQ decoder: tokens → pixels.
+    /// The tokenizer's decoder, VQ (pictures) or LARP (clips): tokens → pixels.
     Decoder,
 }
 
