@@ -36,6 +36,15 @@ impl Order {
             Order::Raster => "raster",
         }
     }
+
+    /// Model calls to generate `grid` in this order: one per wavefront (the extents' sum
+    /// minus the axes plus one), or one per cell.
+    pub fn calls(self, grid: &[usize]) -> usize {
+        match self {
+            Order::Nar => (grid.iter().sum::<usize>() + 1).saturating_sub(grid.len()),
+            Order::Raster => grid.iter().product(),
+        }
+    }
 }
 
 /// Largest grid a plan accepts (1024 times the largest upstream grid): the plan lists every
@@ -923,6 +932,7 @@ mod tests {
         let plan = WavefrontPlan::new(&[2, 2, 2], &VIDEO_HEADS).unwrap();
         let calls = plan.calls();
         assert_eq!(calls.len(), 2 + 2 + 2 - 2);
+        assert_eq!(Order::Nar.calls(&[2, 2, 2]), calls.len());
 
         // The prefill's one cell sums R + B + D, as upstream does.
         let prefill = &calls[0].produced()[0];
@@ -980,6 +990,7 @@ mod tests {
             let plan = WavefrontPlan::raster(&grid, last_axis).unwrap();
             let cells = plan.cell_count();
             assert_eq!(plan.calls().len(), cells);
+            assert_eq!(Order::Raster.calls(&grid), cells);
             assert_eq!(plan.head_axes(), &[last_axis]);
             assert_eq!(plan.max_input_len(), 1);
             let coords = all_coords(&grid);

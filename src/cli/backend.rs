@@ -90,11 +90,9 @@ impl BackendArgs {
         purpose: Purpose,
         order: Option<Order>,
     ) -> anyhow::Result<AnyGenerator> {
+        self.check()?;
         let (provider, mut options) = self.float_options(order)?;
         if self.trt_int8 {
-            if provider != Provider::TensorRt {
-                return Err(BadInput("--trt-int8 needs --provider tensorrt".into()).into());
-            }
             let manifest = Manifest::load(dir)?;
             options.gpu.int8 = Some(tensorrt_int8(dir, &manifest)?);
         }
@@ -103,6 +101,14 @@ impl BackendArgs {
             eprintln!("narx: {note}");
         }
         Ok(generator)
+    }
+
+    /// Checks the flags, before any work (a model to export, say): each error names its flag.
+    pub fn check(&self) -> anyhow::Result<()> {
+        if self.trt_int8 && !matches!(self.provider, ProviderArg::Tensorrt) {
+            return Err(BadInput("--trt-int8 needs --provider tensorrt".into()).into());
+        }
+        self.float_options(None).map(|_| ())
     }
 
     /// The backend choice and its settings, for code that opens models itself (in float:

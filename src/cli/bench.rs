@@ -104,6 +104,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.batch == 0 || args.repeat == 0 {
         return Err(BadInput("--batch and --repeat must be at least 1".into()).into());
     }
+    args.backend.check()?;
+    args.sampling.check()?;
     let temp = tempfile::tempdir().map_err(|e| BadInput(format!("temporary directory: {e}")))?;
     let dir = match (&args.model, &args.preset) {
         (Some(dir), _) => dir.clone(),

@@ -26,6 +26,9 @@ pub struct DemoArgs {
     /// Keep the exported model here (default: a temporary directory, removed afterwards).
     #[arg(short, long)]
     output: Option<PathBuf>,
+    /// Replace the model directory at --output if there is one.
+    #[arg(long, requires = "output")]
+    force: bool,
     /// Where the (noise) picture goes.
     #[arg(long, default_value = "narx-demo.png")]
     picture: PathBuf,
@@ -62,6 +65,8 @@ fn demo_model() -> ModelArgs {
 }
 
 pub fn run(args: DemoArgs) -> anyhow::Result<()> {
+    args.backend.check()?;
+    args.sampling.check()?;
     println!("narx demo: a NAR c2i model with RANDOM weights. It generates noise, not pictures —");
     println!("the point is to show the pipeline (export → ONNX → wavefront generation) working.");
     let temp;
@@ -85,7 +90,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         dtype: DType::F32,
         layout: CacheLayout::Append,
         output: dir.clone(),
-        force: args.output.is_some(),
+        force: args.force,
         vq: Some(VqRequest {
             source: &tokenizer_weights,
             config: tokenizer,

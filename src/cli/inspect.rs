@@ -6,6 +6,7 @@ use clap::Args;
 
 use narx_graphs::manifest::{Condition, GraphFile, Manifest};
 use narx_graphs::Dim;
+use narx_runtime::generate::natural_order;
 
 #[derive(Args)]
 pub struct InspectArgs {
@@ -53,7 +54,7 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let c = m.config.transformer();
-    let steps = m.grid.iter().sum::<usize>() + 1 - m.grid.len();
+    let steps = natural_order(&m).calls(&m.grid);
     println!("{}: {}", args.model.display(), m.family);
     println!(
         "  {} parameters: {} blocks (+{} extra), {} attention heads ({} kv), dim {}, vocab {}",

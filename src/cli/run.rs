@@ -71,18 +71,19 @@ impl OrderArg {
 #[derive(Args)]
 pub struct SamplingArgs {
     /// Classifier-free guidance scale (≤ 1 turns guidance off).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     cfg_scale: Option<f32>,
     /// Stop guiding once more than this many tokens exist (-1: never), as upstream counts.
     #[arg(long, allow_negative_numbers = true)]
     cfg_interval: Option<i64>,
-    #[arg(long)]
+    /// Divide the logits by this before filtering (upstream floors it at 1e-5).
+    #[arg(long, allow_negative_numbers = true)]
     temperature: Option<f32>,
     /// Keep the K most likely tokens (ties kept; 0 = off).
     #[arg(long)]
     top_k: Option<usize>,
     /// Nucleus sampling threshold in (0, 1].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     top_p: Option<f32>,
     /// Arg-max instead of sampling (what the conformance fixtures use).
     #[arg(long)]
@@ -93,11 +94,31 @@ pub struct SamplingArgs {
 }
 
 impl SamplingArgs {
+    /// Checks the flags given, before any work: each error names its flag.
+    pub fn check(&self) -> anyhow::Result<()> {
+        let bad = |m: String| Err(BadInput(m).into());
+        match (self.cfg_scale, self.temperature, self.top_p) {
+            (Some(s), _, _) if !s.is_finite() => bad(format!("--cfg-scale {s} is not a number")),
+            (_, Some(t), _) if !(t.is_finite() && t >= 0.0) => {
+                bad(format!("--temperature {t} must be a finite number >= 0"))
+            }
+            (_, _, Some(p)) if !(p > 0.0 && p <= 1.0) => {
+                bad(format!("--top-p {p} must be in (0, 1]"))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The flags given, the manifest's defaults for the rest.
     pub fn options(&self, manifest: &Manifest) -> anyhow::Result<GenerateOptions> {
+        self.check()?;
         let defaults = &manifest.sampling;
         let cfg_scale = self.cfg_scale.unwrap_or(defaults.cfg_scale);
         if !cfg_scale.is_finite() {
-            return Err(BadInput(format!("--cfg-scale {cfg_scale} is not a number")).into());
+            return Err(BadInput(format!(
+                "the manifest's cfg_scale {cfg_scale} is not a number"
+            ))
+            .into());
         }
         let sampling = SamplingParams {
             temperature: self.temperature.unwrap_or(defaults.temperature),
@@ -107,7 +128,7 @@ impl SamplingArgs {
         };
         sampling
             .validate()
-            .map_err(|e| BadInput(format!("sampling options: {e}")))?;
+            .map_err(|e| BadInput(format!("the manifest's sampling defaults: {e}")))?;
         Ok(GenerateOptions {
             cfg_scale,
             cfg_interval: self.cfg_interval.unwrap_or(defaults.cfg_interval),
@@ -201,14 +222,12 @@ pub fn tokens_json(generation: &Generation) -> serde_json::Value {
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
-    let mut generator = args.backend.open(
-        &args.model,
-        Purpose::Generate,
-        args.order.map(OrderArg::order),
-    )?;
-    let manifest = generator.manifest().clone();
+    // Everything the flags and prompts can get wrong is refused before the model is opened
+    // (which, under TensorRT, may build engines for minutes).
+    let manifest = Manifest::load(&args.model)?;
     let prompts = prompts(&args, &manifest)?;
     let options = args.sampling.options(&manifest)?;
+    prompts.check(&manifest, options.cfg_scale)?;
     args.outputs.check(&manifest)?;
     if args.trace.is_some() {
         require_decoder(&manifest)?;
@@ -216,6 +235,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             return Err(BadInput("--trace draws 2-D image grids, not video".into()).into());
         }
     }
+    let mut generator = args.backend.open(
+        &args.model,
+        Purpose::Generate,
+        args.order.map(OrderArg::order),
+    )?;
     let started = Instant::now();
     let generation = generate_with_progress(&mut generator, &prompts, &options)?;
     let seconds = started.elapsed().as_secs_f64();

@@ -133,7 +133,34 @@ fn unknown_provider_and_bad_flags_are_usage_errors() {
     let output = narx(&["run", d, "--class", "1", "--provider", "quantum"]);
     assert_bad_input(&output, &["quantum"]);
     let output = narx(&["run", d, "--class", "1", "--top-p", "1.5"]);
-    assert_bad_input(&output, &["top_p"]);
+    assert_bad_input(&output, &["--top-p 1.5"]);
+    let output = narx(&["run", d, "--class", "1", "--temperature", "-1"]);
+    assert_bad_input(&output, &["--temperature -1"]);
+    // Prompts and flags are checked before the model is opened: on a machine without a GPU
+    // opening it on cuda would fail first (exit 1), and under TensorRT build engines.
+    let output = narx(&["run", d, "--class", "100000", "--provider", "cuda"]);
+    assert_bad_input(&output, &["class 100000"]);
+    let output = narx(&["run", d, "--provider", "cuda"]);
+    assert_bad_input(&output, &["--class"]);
+    // A preset is not exported for a bench whose flags are wrong.
+    let output = narx(&[
+        "bench",
+        "--preset",
+        "nar-b",
+        "--random-weights",
+        "--top-p",
+        "0",
+    ]);
+    assert_bad_input(&output, &["--top-p 0"]);
+    assert!(
+        !stderr(&output).contains("exporting"),
+        "{}",
+        stderr(&output)
+    );
+    // The demo replaces a model directory only when told to.
+    let output = narx(&["demo", "-o", d, "--provider", "tract"]);
+    assert_bad_input(&output, &["--force"]);
+    assert!(dir.join("narx.json").is_file());
     let output = narx(&[
         "run",
         d,

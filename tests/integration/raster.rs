@@ -14,7 +14,10 @@ use narx_runtime::generate::{GenerateOptions, Generator, Prompts};
 use narx_runtime::sampling::SamplingParams;
 use narx_runtime::scheduler::Order;
 
-use crate::common::{export_fixture, fixture, graph_paths, model_config, ort_engine, tract_engine};
+use crate::common::{
+    export_fixture, fixture, graph_paths, model_config, narx, ort_engine, stderr, stdout,
+    tract_engine,
+};
 
 const FIXTURE: &str = "nar-c2i-tiny";
 
@@ -255,6 +258,7 @@ fn llamagen_checkpoints_generate_in_raster_order() {
     assert_eq!(manifest.family.to_string(), "llamagen-c2i");
     assert_eq!(manifest.heads.len(), 1);
     assert_eq!(manifest.kv_cache.layers, 2);
+    let cells: usize = manifest.grid.iter().product();
     // ONNX Runtime runs the prefill through the step graph: one session.
     assert_eq!(graph_paths(&llamagen_dir, false).as_paths().len(), 2);
     assert_eq!(graph_paths(&llamagen_dir, true).as_paths().len(), 1);
@@ -268,6 +272,11 @@ fn llamagen_checkpoints_generate_in_raster_order() {
         .unwrap()
         .to_string();
     assert!(err.contains("raster order only"), "{err}");
+    // `narx inspect` counts the calls of the model's own order: one per cell.
+    let output = narx(&["inspect", llamagen_dir.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let expected = format!("→ {cells} model calls");
+    assert!(stdout(&output).contains(&expected), "{}", stdout(&output));
 
     // The right head reads the trunk only, so the NAR model in raster order and the LlamaGen
     // model give the same logits and tokens.
