@@ -1,10 +1,13 @@
 //! The command line end to end: export, run on each provider, inspect, demo.
 
-use crate::common::{assert_bad_input, fixture, narx, reference_json, stderr, stdout, Reference};
+use crate::common::{
+    assert_bad_input, fixture, narx, reference_json, stderr, stdout, write_fixture_config,
+    Reference,
+};
 
 fn export_cli(name: &str, file: &str, out: &std::path::Path) {
     let temp_config = out.with_extension("config.json");
-    std::fs::write(&temp_config, reference_json(name)["config"].to_string()).unwrap();
+    write_fixture_config(name, &temp_config);
     let checkpoint = fixture(name).join(file);
     let output = narx(&[
         "export",

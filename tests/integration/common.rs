@@ -225,6 +225,11 @@ pub fn narx(args: &[&str]) -> Output {
         .expect("narx binary runs")
 }
 
+/// A path as a command-line argument.
+pub fn path_str(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
 pub fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).to_string()
 }
@@ -295,7 +300,10 @@ pub fn decode_on_both_backends(
 }
 
 /// The largest absolute difference between two equally long float slices.
+/// The largest |a − b|; two slices of different lengths fail (a truncated output must not
+/// pass as a close one).
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "compared slices differ in length");
     a.iter()
         .zip(b)
         .map(|(x, y)| (x - y).abs())

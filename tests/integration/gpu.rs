@@ -317,7 +317,8 @@ fn packages_are_complete_bundles_that_run() {
     ]);
     assert!(output.status.success(), "{}", stderr(&output));
 
-    // A directory bundle holds the same files; an existing bundle is kept unless --force.
+    // A directory bundle holds the same files; an existing bundle is replaced with --force
+    // and kept without it.
     let as_dir = t.join("board-dir");
     for extra in [&[][..], &["--force"][..]] {
         let mut args = vec![
@@ -331,6 +332,13 @@ fn packages_are_complete_bundles_that_run() {
         assert!(output.status.success(), "{}", stderr(&output));
     }
     assert!(as_dir.join("trt-cache/step_sm90.engine").is_file());
+    let output = narx(&[
+        "package",
+        dir.to_str().unwrap(),
+        "-o",
+        as_dir.to_str().unwrap(),
+    ]);
+    assert_bad_input(&output, &["--force"]);
     let again = narx(&[
         "package",
         dir.to_str().unwrap(),

@@ -13,7 +13,9 @@ use narx_runtime::backend::{Engine, GraphKind, HostTensor};
 use narx_runtime::generate::{GenerateOptions, Generator, Prompts};
 use narx_runtime::sampling::SamplingParams;
 
-use crate::common::{every_row, export_fixture, ort_generator, tract_generator, Reference};
+use crate::common::{
+    every_row, export_fixture, max_abs_diff, ort_generator, tract_generator, Reference,
+};
 
 /// Prefill with `batch` labels, then one step of `width` tokens; returns the step's head
 /// logits and the cache length the step produced.
@@ -173,11 +175,7 @@ fn grouped_query_attention_matches_repeated_kv_heads() {
     ] {
         assert_eq!(got.len(), expected.len());
         for (call, (g, e)) in got.iter().zip(&expected).enumerate() {
-            let worst = g
-                .iter()
-                .zip(e)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max);
+            let worst = max_abs_diff(g, e);
             assert!(worst < 1e-4, "call {call}: GQA differs from MHA by {worst}");
         }
     }
@@ -229,12 +227,7 @@ fn fp16_export_stays_close_to_float32() {
         teacher_forced(&mut crate::common::tract_engine_with_prefill(&fp16), layers),
         teacher_forced(&mut crate::common::ort_engine_with_prefill(&fp16), layers),
     ] {
-        let worst = got
-            .iter()
-            .flatten()
-            .zip(expected.iter().flatten())
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        let worst = max_abs_diff(&got.concat(), &expected.concat());
         // Logits are of order 10; float16 keeps about three decimal digits.
         assert!(
             worst < 0.1,
@@ -335,8 +328,8 @@ fn fp16_guided_mix_is_as_close_as_guidance_on_the_host() {
     let mixed = guided_per_call(&mut ort_generator(&fp16), false);
     let on_host = guided_per_call(&mut ort_generator(&fp16), true);
     let (mix_error, host_error) = (
-        crate::common::max_abs_diff(&mixed, &expected),
-        crate::common::max_abs_diff(&on_host, &expected),
+        max_abs_diff(&mixed, &expected),
+        max_abs_diff(&on_host, &expected),
     );
     assert!(
         mixed != on_host && host_error > 0.0,

@@ -13,7 +13,7 @@ use narx_runtime::scheduler::WavefrontPlan;
 
 use crate::common::{
     assert_bad_input, decode_on_both_backends, fixture, gif_frames, max_abs_diff, model_config,
-    narx, reference_json, stderr, Reference,
+    narx, path_str, reference_json, stderr, write_fixture_config, Reference,
 };
 
 fn vq_config() -> VqConfig {
@@ -81,10 +81,6 @@ fn vq_decoder_matches_upstream_on_tract_and_onnxruntime() {
             ours.len()
         );
     }
-}
-
-fn path_str(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 #[test]
@@ -270,11 +266,7 @@ fn pictures_bad_input() {
     wrong["z_channels"] = 128.into();
     std::fs::write(&config, wrong.to_string()).unwrap();
     let nar_config = t.join("nar.json");
-    std::fs::write(
-        &nar_config,
-        reference_json("nar-c2i-tiny")["config"].to_string(),
-    )
-    .unwrap();
+    write_fixture_config("nar-c2i-tiny", &nar_config);
     let target = t.join("mismatch");
     let output = narx(&[
         "export",

@@ -15,8 +15,8 @@ use narx_runtime::sampling::SamplingParams;
 use narx_runtime::scheduler::Order;
 
 use crate::common::{
-    export_fixture, fixture, graph_paths, model_config, narx, ort_engine, stderr, stdout,
-    tract_engine,
+    export_fixture, fixture, graph_paths, max_abs_diff, model_config, narx, ort_engine, stderr,
+    stdout, tract_engine,
 };
 
 const FIXTURE: &str = "nar-c2i-tiny";
@@ -202,11 +202,7 @@ fn raster_order_matches_a_causal_forward_pass_on_both_backends() {
             for (b, &label) in labels.iter().enumerate() {
                 let expected = reference.right_logits(label, &tokens[b][..k], grid);
                 let got = &logits[k][b * vocab..(b + 1) * vocab];
-                let worst = got
-                    .iter()
-                    .zip(&expected)
-                    .map(|(a, e)| (a - e).abs())
-                    .fold(0f32, f32::max);
+                let worst = max_abs_diff(got, &expected);
                 assert!(
                     worst < 1e-3,
                     "{backend}: call {k}, prompt {b}: logits differ by {worst}"
@@ -287,11 +283,7 @@ fn llamagen_checkpoints_generate_in_raster_order() {
     let (b_logits, b_tokens) = raster_run(&mut nar, &labels);
     assert_eq!(a_tokens, b_tokens);
     for (k, (a, b)) in a_logits.iter().zip(&b_logits).enumerate() {
-        let worst = a
-            .iter()
-            .zip(b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0f32, f32::max);
+        let worst = max_abs_diff(a, b);
         assert!(worst < 1e-4, "call {k}: {worst}");
     }
 }

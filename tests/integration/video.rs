@@ -13,7 +13,7 @@ use narx_runtime::video::to_clips;
 
 use crate::common::{
     assert_bad_input, decode_on_both_backends, fixture, gif_frames, max_abs_diff, model_config,
-    narx, reference_json, stderr, stdout, write_fixture_config, Data, Reference,
+    narx, path_str, reference_json, stderr, stdout, write_fixture_config, Data, Reference,
 };
 
 fn larp_config() -> LarpConfig {
@@ -72,10 +72,6 @@ fn larp_decoder_matches_upstream_on_tract_and_onnxruntime() {
         }
         assert!(worst <= 1, "{backend}: pixels differ by {worst} levels");
     }
-}
-
-fn path_str(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 /// `narx export` of the video fixture and its LARP tokenizer from config files.
