@@ -72,12 +72,10 @@ fn cli_export_and_run_reproduce_the_c2i_fixture_on_each_provider() {
     let inspect = narx(&["inspect", dir.to_str().unwrap()]);
     assert!(inspect.status.success(), "{}", stderr(&inspect));
     let text = stdout(&inspect);
-    for needle in [
-        "nar-c2i",
-        "grid 8×8 → 15 model calls",
-        "past.0.key",
-        "logits_down",
-    ] {
+    let json = reference_json("nar-c2i-tiny");
+    let calls = format!("grid 8×8 → {} model calls", json["steps"]);
+    assert_eq!(json["grid"], serde_json::json!([8, 8]));
+    for needle in ["nar-c2i", &calls, "past.0.key", "logits_down"] {
         assert!(text.contains(needle), "inspect lacks {needle:?}:\n{text}");
     }
 }
@@ -212,7 +210,7 @@ fn bench_reports_speed_as_json() {
                 "{provider}: bench JSON lacks {key}: {last}"
             );
         }
-        assert_eq!(json["calls"], 15);
+        assert_eq!(json["calls"], reference_json("nar-c2i-tiny")["steps"]);
         assert_eq!(json["batch"], 2);
         for key in [
             "seconds_per_image",
