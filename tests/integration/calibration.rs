@@ -12,7 +12,7 @@ use narx_calibration::tables::{ort_trt_table, parse_trt_cache, trt_cache, Calibr
 use narx_graphs::manifest::Manifest;
 use narx_graphs::DType;
 
-use crate::common::{assert_bad_input, export_fixture, narx, stderr};
+use crate::common::{assert_bad_input, assert_cpu_only_onnxruntime, export_fixture, narx, stderr};
 
 /// `(key, value)` pairs of a `TrtTable` flatbuffer, read by ONNX Runtime's Python reader.
 fn read_with_onnxruntime(path: &Path) -> BTreeMap<String, String> {
@@ -245,6 +245,7 @@ fn calibrate_writes_tables_for_every_activation_and_the_model_still_runs() {
 /// directory `float` it was made from: the table is checked against the graphs before
 /// TensorRT is asked for (which then fails here, without a GPU, with exit 1).
 fn tensorrt_int8_takes_only_a_table_made_for_the_model(float: &Path, out: &Path, table: &str) {
+    assert_cpu_only_onnxruntime();
     let run = |dir: &Path, provider: &str| {
         narx(&[
             "run",

@@ -225,6 +225,26 @@ pub fn narx(args: &[&str]) -> Output {
         .expect("narx binary runs")
 }
 
+/// Asserts that the ONNX Runtime under test has no GPU providers (the CPU-only `onnxruntime`
+/// wheel CI installs): tests of what a CPU-only machine answers to GPU requests need it, and
+/// say so instead of failing obscurely against a GPU build.
+pub fn assert_cpu_only_onnxruntime() {
+    use narx_runtime::backend::ort::{init, provider_available};
+    use narx_runtime::backend::providers::{CudaOptions, ExecutionProvider, TensorRtOptions};
+    init(&ort_library()).unwrap();
+    for provider in [
+        ExecutionProvider::Cuda(CudaOptions::default()),
+        ExecutionProvider::TensorRt(TensorRtOptions::default()),
+    ] {
+        assert!(
+            !provider_available(&provider).unwrap(),
+            "this test needs a CPU-only ONNX Runtime, and {} has {provider}; run it with the \
+             `onnxruntime` wheel's library (scripts/gpu-check.sh covers GPU builds)",
+            ort_library().display()
+        );
+    }
+}
+
 /// A path as a command-line argument.
 pub fn path_str(p: &Path) -> &str {
     p.to_str().unwrap()

@@ -8,7 +8,10 @@ use narx_graphs::DType;
 use narx_runtime::backend::providers::ProfileShapes;
 use narx_runtime::load::{resident_outputs, GpuOptions};
 
-use crate::common::{assert_bad_input, export_fixture, export_fixture_as, narx, stderr, stdout};
+use crate::common::{
+    assert_bad_input, assert_cpu_only_onnxruntime, export_fixture, export_fixture_as, narx, stderr,
+    stdout,
+};
 
 #[test]
 fn exports_carry_tensorrt_profiles_covering_every_dynamic_input() {
@@ -99,6 +102,7 @@ fn exports_carry_tensorrt_profiles_covering_every_dynamic_input() {
 
 #[test]
 fn gpu_providers_without_a_gpu_build_fail_with_what_is_missing() {
+    assert_cpu_only_onnxruntime();
     let temp = tempfile::tempdir().unwrap();
     let dir = temp.path().join("model");
     export_fixture("nar-c2i-tiny", "model.safetensors", &dir, DType::F32);
@@ -170,6 +174,7 @@ fn auto_passes_over_a_broken_library_it_found_but_not_one_named() {
 
 #[test]
 fn cuda_graphs_replay_static_exports_on_gpu_providers_only() {
+    assert_cpu_only_onnxruntime();
     let temp = tempfile::tempdir().unwrap();
     let fixed = temp.path().join("static");
     let growing = temp.path().join("append");
