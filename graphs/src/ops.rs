@@ -1,10 +1,22 @@
 //! Operator helpers on [`GraphBuilder`]: one method per standard ONNX operator narx uses
 //! (opset 17 signatures), each checking the element types it can check at build time.
 
-use crate::builder::{Attr, DType, GraphBuilder, Value};
+use crate::builder::{Attr, ConstData, DType, GraphBuilder, Value};
 use crate::GraphError;
 
 impl GraphBuilder<'_> {
+    /// Checks that `value`, the `role` input of `op`, has the one type ONNX allows there.
+    fn require(&self, op: &str, role: &str, value: Value, dtype: DType) -> Result<(), GraphError> {
+        if value.dtype() != dtype {
+            return Err(GraphError::Invalid(format!(
+                "{op}: {role} {} is {:?}, not {dtype:?}",
+                self.name_of(value),
+                value.dtype()
+            )));
+        }
+        Ok(())
+    }
+
     fn same_type(&self, op: &str, a: Value, b: Value) -> Result<DType, GraphError> {
         if a.dtype() != b.dtype() {
             return Err(GraphError::Invalid(format!(
@@ -81,22 +93,24 @@ impl GraphBuilder<'_> {
         self.compare("Greater", a, b)
     }
 
+    /// A logical operator: ONNX defines `And` and `Or` on bool tensors only.
+    fn logical(&mut self, op: &str, a: Value, b: Value) -> Result<Value, GraphError> {
+        self.require(op, "operand", a, DType::Bool)?;
+        self.require(op, "operand", b, DType::Bool)?;
+        self.node1(op, &[a, b], &[], DType::Bool)
+    }
+
     pub fn and(&mut self, a: Value, b: Value) -> Result<Value, GraphError> {
-        self.binary("And", a, b)
+        self.logical("And", a, b)
     }
 
     pub fn or(&mut self, a: Value, b: Value) -> Result<Value, GraphError> {
-        self.binary("Or", a, b)
+        self.logical("Or", a, b)
     }
 
     /// `Where(condition, a, b)`: `a` where true, `b` elsewhere.
     pub fn select(&mut self, condition: Value, a: Value, b: Value) -> Result<Value, GraphError> {
-        if condition.dtype() != DType::Bool {
-            return Err(GraphError::Invalid(format!(
-                "Where: condition {} is not bool",
-                self.name_of(condition)
-            )));
-        }
+        self.require("Where", "condition", condition, DType::Bool)?;
         let dtype = self.same_type("Where", a, b)?;
         self.node1("Where", &[condition, a, b], &[], dtype)
     }
@@ -117,6 +131,13 @@ impl GraphBuilder<'_> {
     /// `Reshape` with ONNX's conventions: 0 copies the input dim, -1 is inferred.
     pub fn reshape(&mut self, x: Value, shape: &[i64]) -> Result<Value, GraphError> {
         let shape = self.const_i64(shape)?;
+        self.reshape_to(x, shape)
+    }
+
+    /// `Reshape` to the run-time int64 `shape` (a [`Self::shape`], say), with the conventions
+    /// of [`Self::reshape`].
+    pub fn reshape_to(&mut self, x: Value, shape: Value) -> Result<Value, GraphError> {
+        self.require("Reshape", "shape", shape, DType::I64)?;
         self.node1("Reshape", &[x, shape], &[], x.dtype())
     }
 
@@ -167,12 +188,7 @@ impl GraphBuilder<'_> {
 
     /// Broadcasts `x` to the int64 `shape` (numpy rules; a dim of 1 in `shape` keeps `x`'s).
     pub fn expand(&mut self, x: Value, shape: Value) -> Result<Value, GraphError> {
-        if shape.dtype() != DType::I64 {
-            return Err(GraphError::Invalid(format!(
-                "Expand: shape {} is not int64",
-                self.name_of(shape)
-            )));
-        }
+        self.require("Expand", "shape", shape, DType::I64)?;
         self.node1("Expand", &[x, shape], &[], x.dtype())
     }
 
@@ -193,12 +209,7 @@ impl GraphBuilder<'_> {
         indices: Value,
         axis: i64,
     ) -> Result<Value, GraphError> {
-        if indices.dtype() != DType::I64 {
-            return Err(GraphError::Invalid(format!(
-                "Gather: indices {} are not int64",
-                self.name_of(indices)
-            )));
-        }
+        self.require("Gather", "indices", indices, DType::I64)?;
         self.node1(
             "Gather",
             &[x, indices],
@@ -224,29 +235,20 @@ impl GraphBuilder<'_> {
         )
     }
 
-    /// Float zeros shaped like `like` (any type), via `Shape` + `ConstantOfShape`.
-    pub fn zeros_like(&mut self, like: Value, dtype: DType) -> Result<Value, GraphError> {
-        let shape = self.node1("Shape", &[like], &[], DType::I64)?;
-        let zero = crate::builder::ConstData::F32(vec![0.0]);
-        let value = match dtype {
-            DType::F32 => zero,
-            other => {
-                return Err(GraphError::Invalid(format!(
-                    "zeros_like in {other:?} is not supported"
-                )))
-            }
-        };
+    /// Float32 zeros shaped like `like` (any type), via `Shape` + `ConstantOfShape`.
+    pub fn zeros_like(&mut self, like: Value) -> Result<Value, GraphError> {
+        let shape = self.shape(like)?;
         let tensor = crate::onnx::TensorProto {
             dims: vec![1],
-            data_type: Some(dtype.onnx() as i32),
-            raw_data: Some(value.to_le_bytes()),
+            data_type: Some(DType::F32.onnx() as i32),
+            raw_data: Some(ConstData::F32(vec![0.0]).to_le_bytes()),
             ..Default::default()
         };
         self.node1(
             "ConstantOfShape",
             &[shape],
             &[("value", Attr::Tensor(Box::new(tensor)))],
-            dtype,
+            DType::F32,
         )
     }
 
@@ -267,5 +269,42 @@ impl GraphBuilder<'_> {
             &[("pads", Attr::Ints(vec![pad; 4]))],
             dtype,
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::weights::WeightStore;
+
+    #[test]
+    fn logical_operators_take_bool_operands_only() {
+        let mut store = WeightStore::inline();
+        let mut b = GraphBuilder::new("t", &mut store);
+        let flags = b.input("flags", DType::Bool, &[]);
+        let values = b.input("values", DType::F32, &[]);
+        assert!(b.and(flags, flags).is_ok());
+        assert!(b.or(flags, flags).is_ok());
+        let err = b.and(flags, values).unwrap_err().to_string();
+        assert!(
+            err.contains("And: operand values is F32, not Bool"),
+            "{err}"
+        );
+        let err = b.or(values, values).unwrap_err().to_string();
+        assert!(err.contains("Or: operand values is F32, not Bool"), "{err}");
+    }
+
+    #[test]
+    fn shapes_are_int64() {
+        let mut store = WeightStore::inline();
+        let mut b = GraphBuilder::new("t", &mut store);
+        let x = b.input("x", DType::F32, &[]);
+        let shape = b.shape(x).unwrap();
+        assert!(b.reshape_to(x, shape).is_ok());
+        assert!(b.expand(x, shape).is_ok());
+        let err = b.reshape_to(x, x).unwrap_err().to_string();
+        assert!(err.contains("Reshape: shape x is F32, not I64"), "{err}");
+        let err = b.expand(x, x).unwrap_err().to_string();
+        assert!(err.contains("Expand: shape x is F32, not I64"), "{err}");
     }
 }

@@ -436,7 +436,7 @@ impl Decoder<'_> {
         channels: usize,
     ) -> Result<Value, GraphError> {
         b.scoped(name, |b| {
-            let shape = b.node1("Shape", &[x], &[], DType::I64)?;
+            let shape = b.shape(x)?;
             let grouped = b.reshape(x, &[0, GROUPS as i64, -1, 0])?;
             let mean = b.reduce_mean(grouped, &[2, 3])?;
             let centred = b.sub(grouped, mean)?;
@@ -447,7 +447,7 @@ impl Decoder<'_> {
             let std = b.sqrt(variance)?;
             let inv = b.reciprocal(std)?;
             let normed = b.mul(centred, inv)?;
-            let normed = b.node1("Reshape", &[normed, shape], &[], DType::F32)?;
+            let normed = b.reshape_to(normed, shape)?;
             // Stored (C, 1, 1) so they broadcast over (B, C, H, W); same bytes as upstream (C).
             let gamma = f32_param(b, self.params, &format!("{name}.weight"), &[channels, 1, 1])?;
             let beta = f32_param(b, self.params, &format!("{name}.bias"), &[channels, 1, 1])?;
@@ -510,7 +510,7 @@ impl Decoder<'_> {
         let k = self.conv(b, h, &p("k"), c, c, 1)?;
         let v = self.conv(b, h, &p("v"), c, c, 1)?;
         let out = b.scoped(name, |b| {
-            let shape = b.node1("Shape", &[x], &[], DType::I64)?;
+            let shape = b.shape(x)?;
             let q = b.reshape(q, &[0, c as i64, -1])?;
             let q = b.transpose(q, &[0, 2, 1])?;
             let scale = b.scalar(1.0 / (c as f32).sqrt(), DType::F32)?;
@@ -522,7 +522,7 @@ impl Decoder<'_> {
             let v = b.transpose(v, &[0, 2, 1])?;
             let out = b.matmul(probs, v)?;
             let out = b.transpose(out, &[0, 2, 1])?;
-            b.node1("Reshape", &[out, shape], &[], DType::F32)
+            b.reshape_to(out, shape)
         })?;
         let out = self.conv(b, out, &p("proj_out"), c, c, 1)?;
         b.scoped(name, |b| b.add(x, out))
@@ -552,13 +552,13 @@ impl Decoder<'_> {
 /// x ─Unsqueeze(3,5)─▶ (B,C,H,1,W,1) ─Expand(1,1,1,2,1,2)─▶ (B,C,H,2,W,2) ─Reshape(Shape(x)·[1,1,2,2])─▶
 /// ```
 fn upsample(b: &mut GraphBuilder, x: Value) -> Result<Value, GraphError> {
-    let shape = b.node1("Shape", &[x], &[], DType::I64)?;
+    let shape = b.shape(x)?;
     let factors = b.const_i64(&[1, 1, 2, 2])?;
     let out_shape = b.mul(shape, factors)?;
     let blocks = b.unsqueeze(x, &[3, 5])?;
     let block = b.const_i64(&[1, 1, 1, 2, 1, 2])?;
-    let blocks = b.node1("Expand", &[blocks, block], &[], x.dtype())?;
-    b.node1("Reshape", &[blocks, out_shape], &[], x.dtype())
+    let blocks = b.expand(blocks, block)?;
+    b.reshape_to(blocks, out_shape)
 }
 
 /// A tokenizer's codebook `name` `(rows, width)` as a graph weight: its rows L2-normalised

@@ -351,7 +351,7 @@ fn build_prefill(
         ConditionKind::Class => {
             let labels = b.input(names::CLASS_LABELS, DType::I64, &batch_dims(&[]));
             let e = m.class_embedding(&mut b, labels)?;
-            let zeros = b.zeros_like(labels, DType::F32)?;
+            let zeros = b.zeros_like(labels)?;
             let key_bias = b.unsqueeze(zeros, &[1])?;
             (e, None, key_bias)
         }
@@ -503,7 +503,7 @@ fn build_step(
         let key_bias = match placement {
             // This call's keys are visible to each other.
             None => {
-                let new = b.zeros_like(tokens, DType::F32)?;
+                let new = b.zeros_like(tokens)?;
                 b.concat(&[bias, new], 1)?
             }
             Some(_) => bias,
