@@ -108,8 +108,8 @@ impl GraphBuilder<'_> {
         self.logical("Or", a, b)
     }
 
-    /// `Where(condition, a, b)`: `a` where true, `b` elsewhere.
-    pub fn select(&mut self, condition: Value, a: Value, b: Value) -> Result<Value, GraphError> {
+    /// `Where(condition, a, b)`: `a` where true, `b` elsewhere (`where` is a Rust keyword).
+    pub fn where_(&mut self, condition: Value, a: Value, b: Value) -> Result<Value, GraphError> {
         self.require("Where", "condition", condition, DType::Bool)?;
         let dtype = self.same_type("Where", a, b)?;
         self.node1("Where", &[condition, a, b], &[], dtype)

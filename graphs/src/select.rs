@@ -120,7 +120,7 @@ pub fn build(
     let difference = b.sub(cond, uncond)?;
     let scaled = b.mul(difference, scale)?;
     let mixed = b.add(uncond, scaled)?;
-    let chosen = b.select(guided, mixed, cond)?;
+    let chosen = b.where_(guided, mixed, cond)?;
 
     let top = b.node(
         "TopK",

@@ -182,7 +182,7 @@ impl<'a> Model<'a> {
             let features = b.cast(features, self.dtype())?;
             let uncond = self.param(b, "cls_embedding.uncond_embedding", &[c, cd])?;
             let null = b.unsqueeze(null, &[1, 2])?;
-            let x = b.select(null, uncond, features)?;
+            let x = b.where_(null, uncond, features)?;
             let h = self.linear(b, x, "cls_embedding.cap_proj.fc1.weight", cd, d)?;
             let h = b.scoped("gelu", |b| gelu_tanh(b, h))?;
             self.linear(b, h, "cls_embedding.cap_proj.fc2.weight", d, d)
@@ -234,7 +234,7 @@ impl<'a> Model<'a> {
     ) -> Result<Value, GraphError> {
         let zero = b.scalar(0.0, DType::F32)?;
         let hidden = b.scalar(f32::NEG_INFINITY, DType::F32)?;
-        b.select(visible, zero, hidden)
+        b.where_(visible, zero, hidden)
     }
 
     /// The prefill's condition mask (NAR-SPEC §3.2–3.3): causal, AND the caption mask for
