@@ -20,8 +20,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::builder::{ConstData, DType, Dim, GraphBuilder, Value};
-use crate::nar::{f32_param, transposed, ParamSource};
+use crate::builder::{DType, Dim, GraphBuilder, Value};
+use crate::nar::{f32_param, ParamSource};
 use crate::onnx::ModelProto;
 use crate::vq::codebook_weight;
 use crate::weights::WeightStore;
@@ -495,8 +495,8 @@ struct Decoder<'a> {
 }
 
 impl Decoder<'_> {
-    /// `y = x Wᵀ (+ bias)` for an upstream `Linear(inputs → outputs)` named `name`; the weight
-    /// `(outputs, inputs)` is stored transposed as `{name}.T` so the graph needs a plain MatMul.
+    /// `y = x Wᵀ (+ bias)` for an upstream `Linear(inputs → outputs)` module `name`: its
+    /// `{name}.weight` through [`GraphBuilder::linear_transposed`], then `{name}.bias`.
     fn linear(
         &self,
         b: &mut GraphBuilder,
@@ -508,16 +508,7 @@ impl Decoder<'_> {
     ) -> Result<Value, GraphError> {
         b.scoped(name, |b| {
             let weight = format!("{name}.weight");
-            let w = b.weight(
-                &format!("{weight}.T"),
-                DType::F32,
-                &[inputs, outputs],
-                || {
-                    let values = self.params.read_f32_exact(&weight, outputs * inputs)?;
-                    Ok(ConstData::F32(transposed(&values, outputs, inputs)))
-                },
-            )?;
-            let y = b.matmul(x, w)?;
+            let y = b.linear_transposed(x, self.params, &weight, inputs, outputs)?;
             if !bias {
                 return Ok(y);
             }

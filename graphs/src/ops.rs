@@ -1,7 +1,10 @@
 //! Operator helpers on [`GraphBuilder`]: one method per standard ONNX operator narx uses
-//! (opset 17 signatures), each checking the element types it can check at build time.
+//! (opset 17 signatures), each checking the element types it can check at build time, then
+//! the few blocks built from them that several graphs share (Linear, normalisation,
+//! attention).
 
 use crate::builder::{Attr, ConstData, DType, GraphBuilder, Value};
+use crate::nar::{transposed, ParamSource};
 use crate::GraphError;
 
 impl GraphBuilder<'_> {
@@ -269,6 +272,35 @@ impl GraphBuilder<'_> {
             &[("pads", Attr::Ints(vec![pad; 4]))],
             dtype,
         )
+    }
+}
+
+/// Float32 values as a constant of the float `dtype` (float16 or float32).
+pub(crate) fn float_data(values: Vec<f32>, dtype: DType) -> ConstData {
+    match dtype {
+        DType::F16 => ConstData::F16(values.into_iter().map(half::f16::from_f32).collect()),
+        _ => ConstData::F32(values),
+    }
+}
+
+impl GraphBuilder<'_> {
+    /// `y = x Wᵀ` for an upstream `Linear(inputs → outputs)` weight `name` `(outputs, inputs)`,
+    /// stored transposed as `{name}.T` `(inputs, outputs)` in the dtype of `x`, so the graph
+    /// needs a plain MatMul.
+    pub fn linear_transposed(
+        &mut self,
+        x: Value,
+        params: &dyn ParamSource,
+        name: &str,
+        inputs: usize,
+        outputs: usize,
+    ) -> Result<Value, GraphError> {
+        let dtype = x.dtype();
+        let w = self.weight(&format!("{name}.T"), dtype, &[inputs, outputs], || {
+            let values = params.read_f32_exact(name, outputs * inputs)?;
+            Ok(float_data(transposed(&values, outputs, inputs), dtype))
+        })?;
+        self.matmul(x, w)
     }
 }
 

@@ -7,6 +7,7 @@ use super::{
     PositionEncoding, Transformer,
 };
 use crate::builder::{ConstData, DType, GraphBuilder, Value};
+use crate::ops::float_data;
 use crate::GraphError;
 
 /// Per-layer K and V values.
@@ -74,47 +75,14 @@ impl<'a> Model<'a> {
         self.spec.dtype
     }
 
-    /// Checkpoint data in the model dtype, optionally transposed from `(rows, cols)`.
-    fn data(&self, name: &str, transpose: Option<(usize, usize)>) -> Result<ConstData, GraphError> {
-        let values = match transpose {
-            Some((rows, cols)) => {
-                transposed(&self.params.read_f32_exact(name, rows * cols)?, rows, cols)
-            }
-            None => self.params.read_f32(name)?,
-        };
-        Ok(self.in_dtype(values))
-    }
-
-    /// Float32 values as a constant of the model dtype.
-    fn in_dtype(&self, values: Vec<f32>) -> ConstData {
-        match self.dtype() {
-            DType::F16 => ConstData::F16(values.into_iter().map(half::f16::from_f32).collect()),
-            _ => ConstData::F32(values),
-        }
+    /// Checkpoint data in the model dtype.
+    fn data(&self, name: &str) -> Result<ConstData, GraphError> {
+        Ok(float_data(self.params.read_f32(name)?, self.dtype()))
     }
 
     /// A checkpoint tensor stored as is.
     fn param(&self, b: &mut GraphBuilder, name: &str, dims: &[usize]) -> Result<Value, GraphError> {
-        b.weight(name, self.dtype(), dims, || self.data(name, None))
-    }
-
-    /// `y = x Wᵀ` for an upstream `Linear(in → out)` weight `(out, in)`, stored transposed
-    /// (`name.T`, `(in, out)`) so the graph needs a plain MatMul.
-    fn linear(
-        &self,
-        b: &mut GraphBuilder,
-        x: Value,
-        name: &str,
-        inputs: usize,
-        outputs: usize,
-    ) -> Result<Value, GraphError> {
-        let w = b.weight(
-            &format!("{name}.T"),
-            self.dtype(),
-            &[inputs, outputs],
-            || self.data(name, Some((outputs, inputs))),
-        )?;
-        b.matmul(x, w)
+        b.weight(name, self.dtype(), dims, || self.data(name))
     }
 
     /// RMSNorm as upstream: normalise in float32, round to the model dtype, then scale.
@@ -183,9 +151,10 @@ impl<'a> Model<'a> {
             let uncond = self.param(b, "cls_embedding.uncond_embedding", &[c, cd])?;
             let null = b.unsqueeze(null, &[1, 2])?;
             let x = b.where_(null, uncond, features)?;
-            let h = self.linear(b, x, "cls_embedding.cap_proj.fc1.weight", cd, d)?;
+            let h =
+                b.linear_transposed(x, self.params, "cls_embedding.cap_proj.fc1.weight", cd, d)?;
             let h = b.scoped("gelu", |b| gelu_tanh(b, h))?;
-            self.linear(b, h, "cls_embedding.cap_proj.fc2.weight", d, d)
+            b.linear_transposed(h, self.params, "cls_embedding.cap_proj.fc2.weight", d, d)
         })
     }
 
@@ -221,7 +190,7 @@ impl<'a> Model<'a> {
                     self.params
                         .read_f32_exact("cls_embedding.embedding_table.weight", classes * d)?,
                 );
-                Ok(self.in_dtype(rows))
+                Ok(float_data(rows, self.dtype()))
             },
         )
     }
@@ -279,7 +248,7 @@ impl<'a> Model<'a> {
                 let h = b.scoped("abs_pe", |b| {
                     let table =
                         b.weight("abs_pe", self.dtype(), &[rows, self.shape.dim], || {
-                            self.data("abs_pe", None)
+                            self.data("abs_pe")
                         })?;
                     let pe = b.gather(table, positions)?;
                     b.add(x, pe)
@@ -426,9 +395,9 @@ impl<'a> Model<'a> {
         let t = &self.shape;
         let (d, h, kv, hd) = (t.dim, t.n_head, t.kv_heads(), t.head_dim());
         let qkv_width = (h + 2 * kv) * hd;
-        let qkv = self.linear(
-            b,
+        let qkv = b.linear_transposed(
             x,
+            self.params,
             &format!("layers.{layer}.attention.wqkv.weight"),
             d,
             qkv_width,
@@ -483,7 +452,13 @@ impl<'a> Model<'a> {
         let out = b.cast(out, self.dtype())?;
         let out = b.transpose(out, &[0, 2, 1, 3])?;
         let out = b.reshape(out, &[0, 0, d as i64])?;
-        let out = self.linear(b, out, &format!("layers.{layer}.attention.wo.weight"), d, d)?;
+        let out = b.linear_transposed(
+            out,
+            self.params,
+            &format!("layers.{layer}.attention.wo.weight"),
+            d,
+            d,
+        )?;
         Ok((out, (k, v)))
     }
 
@@ -515,7 +490,7 @@ impl<'a> Model<'a> {
         let w13 = b.weight(&format!("{w1}+w3.T"), self.dtype(), &[d, 2 * f], || {
             let mut rows = self.params.read_f32_exact(&w1, f * d)?;
             rows.extend(self.params.read_f32_exact(&w3, f * d)?);
-            Ok(self.in_dtype(transposed(&rows, 2 * f, d)))
+            Ok(float_data(transposed(&rows, 2 * f, d), self.dtype()))
         })?;
         let both = b.matmul(x, w13)?;
         let halves = b.split(both, -1, &[f as i64, f as i64])?;
@@ -523,7 +498,7 @@ impl<'a> Model<'a> {
         let sig = b.sigmoid(gate)?;
         let gate = b.mul(gate, sig)?;
         let hidden = b.mul(gate, up)?;
-        self.linear(b, hidden, &p("w2"), f, d)
+        b.linear_transposed(hidden, self.params, &p("w2"), f, d)
     }
 
     /// One head's float32 logits for the rows `mix (R, B)` makes of the batch: its RMSNorm,
@@ -553,7 +528,7 @@ impl<'a> Model<'a> {
             let mixed = b.matmul(mix, rows)?;
             let x = b.reshape(mixed, &[0, -1, d as i64])?;
             let x = b.cast(x, self.dtype())?;
-            let logits = self.linear(b, x, head.projection, d, v)?;
+            let logits = b.linear_transposed(x, self.params, head.projection, d, v)?;
             b.cast(logits, DType::F32)
         })
     }
