@@ -649,13 +649,8 @@ impl Decoder<'_> {
         self.linear(b, h, &format!("{name}.fc2"), hidden, d, true)
     }
 
-    /// `nn.LayerNorm(D, eps)` over the last axis: biased variance, affine.
-    ///
-    /// ```text
-    /// x ─┬─ReduceMean(−1)─┐
-    ///    └──────────────Sub─┬─Mul(d,d)─ReduceMean(−1)─Add(ε)─Sqrt─Reciprocal─┐
-    ///                       └───────────────────────────────────────────────Mul─Mul(γ)─Add(β)─▶
-    /// ```
+    /// `nn.LayerNorm(D, eps)` over the last axis: biased variance, affine
+    /// ([`GraphBuilder::normalize`], [`GraphBuilder::affine`]).
     fn layer_norm(
         &self,
         b: &mut GraphBuilder,
@@ -665,19 +660,8 @@ impl Decoder<'_> {
     ) -> Result<Value, GraphError> {
         let d = self.config.decoder_hidden_size;
         b.scoped(name, |b| {
-            let mean = b.reduce_mean(x, &[-1])?;
-            let centred = b.sub(x, mean)?;
-            let square = b.mul(centred, centred)?;
-            let variance = b.reduce_mean(square, &[-1])?;
-            let eps = b.scalar(eps, DType::F32)?;
-            let variance = b.add(variance, eps)?;
-            let std = b.sqrt(variance)?;
-            let inv = b.reciprocal(std)?;
-            let normed = b.mul(centred, inv)?;
-            let gamma = f32_param(b, self.params, &format!("{name}.weight"), &[d])?;
-            let beta = f32_param(b, self.params, &format!("{name}.bias"), &[d])?;
-            let scaled = b.mul(normed, gamma)?;
-            b.add(scaled, beta)
+            let normed = b.normalize(x, &[-1], eps)?;
+            b.affine(normed, self.params, name, &[d])
         })
     }
 

@@ -4,7 +4,7 @@
 //! attention).
 
 use crate::builder::{Attr, ConstData, DType, GraphBuilder, Value};
-use crate::nar::{transposed, ParamSource};
+use crate::nar::{f32_param, transposed, ParamSource};
 use crate::GraphError;
 
 impl GraphBuilder<'_> {
@@ -301,6 +301,41 @@ impl GraphBuilder<'_> {
             Ok(float_data(transposed(&values, outputs, inputs), dtype))
         })?;
         self.matmul(x, w)
+    }
+
+    /// `(x − mean) / √(variance + eps)` with the statistics over `axes` (kept, biased
+    /// variance): LayerNorm's and GroupNorm's normalisation from opset-17 operators.
+    ///
+    /// ```text
+    /// x ─┬─ReduceMean─┐
+    ///    └──────────Sub─┬─Mul(d,d)─ReduceMean─Add(ε)─Sqrt─Reciprocal─┐
+    ///                   └───────────────────────────────────────────Mul─▶
+    /// ```
+    pub fn normalize(&mut self, x: Value, axes: &[i64], eps: f32) -> Result<Value, GraphError> {
+        let mean = self.reduce_mean(x, axes)?;
+        let centred = self.sub(x, mean)?;
+        let square = self.mul(centred, centred)?;
+        let variance = self.reduce_mean(square, axes)?;
+        let eps = self.scalar(eps, x.dtype())?;
+        let variance = self.add(variance, eps)?;
+        let std = self.sqrt(variance)?;
+        let inv = self.reciprocal(std)?;
+        self.mul(centred, inv)
+    }
+
+    /// A norm's affine step, `x · γ + β`, with γ and β the float32 `{name}.weight` and
+    /// `{name}.bias` read as `dims` (which may add unit axes to broadcast over `x`).
+    pub fn affine(
+        &mut self,
+        x: Value,
+        params: &dyn ParamSource,
+        name: &str,
+        dims: &[usize],
+    ) -> Result<Value, GraphError> {
+        let gamma = f32_param(self, params, &format!("{name}.weight"), dims)?;
+        let beta = f32_param(self, params, &format!("{name}.bias"), dims)?;
+        let scaled = self.mul(x, gamma)?;
+        self.add(scaled, beta)
     }
 }
 

@@ -422,11 +422,7 @@ impl Decoder<'_> {
     /// accurate but made tract's declutter pass run for many minutes on the whole decoder.
     ///
     /// ```text
-    /// x ─Reshape(B,32,C/32·H,W)─┬─ReduceMean(2,3)─┐
-    ///                           └────────────────Sub─┬─Mul(d,d)─ReduceMean(2,3)─Add(ε)─Sqrt─Reciprocal─┐
-    ///                                                └───────────────────────────────────────────────Mul─┐
-    ///   ┌────────────────────────────────────────────────────────────────────────────────────────────────┘
-    ///   └─Reshape(Shape(x))─Mul(γ (C,1,1))─Add(β (C,1,1))─▶
+    /// x ─Reshape(B,32,C/32·H,W)─normalize(axes 2,3)─Reshape(Shape(x))─Mul(γ (C,1,1))─Add(β (C,1,1))─▶
     /// ```
     fn group_norm(
         &self,
@@ -438,21 +434,10 @@ impl Decoder<'_> {
         b.scoped(name, |b| {
             let shape = b.shape(x)?;
             let grouped = b.reshape(x, &[0, GROUPS as i64, -1, 0])?;
-            let mean = b.reduce_mean(grouped, &[2, 3])?;
-            let centred = b.sub(grouped, mean)?;
-            let square = b.mul(centred, centred)?;
-            let variance = b.reduce_mean(square, &[2, 3])?;
-            let eps = b.scalar(GROUP_NORM_EPS, DType::F32)?;
-            let variance = b.add(variance, eps)?;
-            let std = b.sqrt(variance)?;
-            let inv = b.reciprocal(std)?;
-            let normed = b.mul(centred, inv)?;
+            let normed = b.normalize(grouped, &[2, 3], GROUP_NORM_EPS)?;
             let normed = b.reshape_to(normed, shape)?;
-            // Stored (C, 1, 1) so they broadcast over (B, C, H, W); same bytes as upstream (C).
-            let gamma = f32_param(b, self.params, &format!("{name}.weight"), &[channels, 1, 1])?;
-            let beta = f32_param(b, self.params, &format!("{name}.bias"), &[channels, 1, 1])?;
-            let scaled = b.mul(normed, gamma)?;
-            b.add(scaled, beta)
+            // γ and β (C, 1, 1) broadcast over (B, C, H, W); same bytes as upstream (C).
+            b.affine(normed, self.params, name, &[channels, 1, 1])
         })
     }
 
