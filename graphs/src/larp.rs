@@ -628,13 +628,9 @@ impl Decoder<'_> {
                 b.transpose(v, perm)
             };
             let q = split_heads(b, parts[0], &[0, 2, 1, 3])?;
-            let scale = b.scalar(1.0 / (head_dim as f32).sqrt(), DType::F32)?;
-            let q = b.mul(q, scale)?;
-            let k = split_heads(b, parts[1], &[0, 2, 3, 1])?;
+            let kt = split_heads(b, parts[1], &[0, 2, 3, 1])?;
             let v = split_heads(b, parts[2], &[0, 2, 1, 3])?;
-            let scores = b.matmul(q, k)?;
-            let probs = b.softmax(scores, -1)?;
-            let out = b.matmul(probs, v)?;
+            let out = b.attention(q, kt, v, None, head_dim)?;
             let out = b.transpose(out, &[0, 2, 1, 3])?;
             b.reshape(out, &[0, 0, d as i64])
         })?;

@@ -323,6 +323,34 @@ impl GraphBuilder<'_> {
         self.mul(centred, inv)
     }
 
+    /// Scaled dot-product attention, `softmax(q·kᵀ/√head_dim + bias)·v` over the last two
+    /// axes. Takes the keys already transposed (`keys_t`, one key per column): each caller
+    /// folds that transpose into its own change of layout.
+    ///
+    /// ```text
+    /// q ─Mul(head_dim^−½)─┐
+    /// keys_t ───────────MatMul─[Add(bias)]─Softmax(−1)─┐
+    /// v ──────────────────────────────────────────────MatMul─▶
+    /// ```
+    pub fn attention(
+        &mut self,
+        q: Value,
+        keys_t: Value,
+        v: Value,
+        bias: Option<Value>,
+        head_dim: usize,
+    ) -> Result<Value, GraphError> {
+        let scale = self.scalar(1.0 / (head_dim as f32).sqrt(), q.dtype())?;
+        let q = self.mul(q, scale)?;
+        let scores = self.matmul(q, keys_t)?;
+        let scores = match bias {
+            Some(bias) => self.add(scores, bias)?,
+            None => scores,
+        };
+        let probs = self.softmax(scores, -1)?;
+        self.matmul(probs, v)
+    }
+
     /// A norm's affine step, `x · γ + β`, with γ and β the float32 `{name}.weight` and
     /// `{name}.bias` read as `dims` (which may add unit axes to broadcast over `x`).
     pub fn affine(

@@ -498,14 +498,11 @@ impl Decoder<'_> {
             let shape = b.shape(x)?;
             let q = b.reshape(q, &[0, c as i64, -1])?;
             let q = b.transpose(q, &[0, 2, 1])?;
-            let scale = b.scalar(1.0 / (c as f32).sqrt(), DType::F32)?;
-            let q = b.mul(q, scale)?;
-            let k = b.reshape(k, &[0, c as i64, -1])?;
-            let scores = b.matmul(q, k)?;
-            let probs = b.softmax(scores, -1)?;
+            // (B, C, HW) is already kᵀ.
+            let kt = b.reshape(k, &[0, c as i64, -1])?;
             let v = b.reshape(v, &[0, c as i64, -1])?;
             let v = b.transpose(v, &[0, 2, 1])?;
-            let out = b.matmul(probs, v)?;
+            let out = b.attention(q, kt, v, None, c)?;
             let out = b.transpose(out, &[0, 2, 1])?;
             b.reshape_to(out, shape)
         })?;

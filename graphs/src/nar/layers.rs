@@ -440,15 +440,10 @@ impl<'a> Model<'a> {
         };
         // Scores, softmax and the weighted sum in float32, as upstream's MATH backend.
         let q = b.cast(q, DType::F32)?;
-        let scale = b.scalar(1.0 / (hd as f32).sqrt(), DType::F32)?;
-        let q = b.mul(q, scale)?;
         let k_all = b.cast(k_all, DType::F32)?;
         let kt = b.transpose(k_all, &[0, 1, 3, 2])?;
-        let scores = b.matmul(q, kt)?;
-        let scores = b.add(scores, attention_bias)?;
-        let probs = b.softmax(scores, -1)?;
         let v_all = b.cast(v_all, DType::F32)?;
-        let out = b.matmul(probs, v_all)?;
+        let out = b.attention(q, kt, v_all, Some(attention_bias), hd)?;
         let out = b.cast(out, self.dtype())?;
         let out = b.transpose(out, &[0, 2, 1, 3])?;
         let out = b.reshape(out, &[0, 0, d as i64])?;
