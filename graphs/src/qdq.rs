@@ -63,7 +63,10 @@ pub fn quantize(
         }
         let activation = node.input[0].clone();
         let Some(&amax) = ranges.and_then(|r| r.get(&activation)) else {
-            missing.push(activation);
+            // Named once, in graph order, however many MatMuls read it.
+            if !missing.contains(&activation) {
+                missing.push(activation);
+            }
             nodes.push(node);
             continue;
         };
@@ -127,7 +130,6 @@ pub fn quantize(
         nodes.push(node);
     }
     if !missing.is_empty() {
-        missing.dedup();
         return Err(GraphError::Invalid(format!(
             "the calibration table has no range for {}: it was made for a different model",
             missing.join(", ")
@@ -254,5 +256,39 @@ mod tests {
         let (int8, scales) = quantise_per_column(&values, 2, 3);
         assert_eq!(scales, [2.0 / 127.0, 0.5 / 127.0, 1.0]);
         assert_eq!(int8, [64, 127, 0, -127, 64, 0]);
+    }
+
+    /// An activation without a range is named once, even when the MatMuls that read it are
+    /// not next to each other in the graph.
+    #[test]
+    fn missing_ranges_are_named_once() {
+        use crate::builder::{ConstData, Dim, GraphBuilder};
+        let mut store = WeightStore::inline();
+        let mut b = GraphBuilder::new("t", &mut store);
+        let dims = [Dim::Fixed(2), Dim::Fixed(2)];
+        let x = b.input("x", DType::F32, &dims);
+        let y = b.input("y", DType::F32, &dims);
+        let weight = |b: &mut GraphBuilder, name: &str| {
+            b.weight(name, DType::F32, &[2, 2], || {
+                Ok(ConstData::F32(vec![1.0; 4]))
+            })
+            .unwrap()
+        };
+        let (w1, w2, w3) = (
+            weight(&mut b, "w1"),
+            weight(&mut b, "w2"),
+            weight(&mut b, "w3"),
+        );
+        for (input, w) in [(x, w1), (y, w2), (x, w3)] {
+            let out = b.matmul(input, w).unwrap();
+            let name = b.name_of(out).to_string();
+            b.output(&format!("out_{name}"), out, &dims).unwrap();
+        }
+        let model = b.finish();
+        let read = |t: &TensorProto| Ok(t.raw_data.clone().unwrap_or_default());
+        let err = quantize(&model, Some(&BTreeMap::new()), &read, &mut store)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no range for x, y:"), "{err}");
     }
 }
