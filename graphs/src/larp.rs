@@ -458,22 +458,22 @@ pub fn build_decoder(
 ) -> Result<ModelProto, GraphError> {
     config.validate()?;
     let mut b = GraphBuilder::new("larp_decoder", store);
-    let d = Decoder { config, params };
+    let tokenizer = Decoder { config, params };
     let n = config.latent_tokens();
     let codes = b.input(CODES, DType::I64, &[Dim::named(dims::BATCH), Dim::Fixed(n)]);
-    let latents = d.latents(&mut b, codes)?;
-    let queries = d.queries(&mut b, codes)?;
+    let latents = tokenizer.latents(&mut b, codes)?;
+    let queries = tokenizer.queries(&mut b, codes)?;
     let mut h = b.scoped("decoder", |b| b.concat(&[latents, queries], 1))?;
     for i in 0..config.decoder_depth {
-        h = d.block(&mut b, h, i)?;
+        h = tokenizer.block(&mut b, h, i)?;
     }
     let q = config.queries();
     // Upstream's `h[:, -query_length:]`: the patch queries, after the latents.
     h = b.scoped("decoder", |b| b.slice(h, 1, n as i64, (n + q) as i64))?;
     let (dim, out) = (config.decoder_hidden_size, config.patch_values());
-    h = d.layer_norm(&mut b, h, "final_layer.norm_final", FINAL_NORM_EPS)?;
-    h = d.linear(&mut b, h, "final_layer.linear", dim, out, true)?;
-    let video = b.scoped("unpatchify", |b| d.unpatchify(b, h))?;
+    h = tokenizer.layer_norm(&mut b, h, "final_layer.norm_final", FINAL_NORM_EPS)?;
+    h = tokenizer.linear(&mut b, h, "final_layer.linear", dim, out, true)?;
+    let video = b.scoped("unpatchify", |b| tokenizer.unpatchify(b, h))?;
     let (c, frames, height, width) = config.video_shape();
     b.output(
         VIDEO,

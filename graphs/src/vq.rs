@@ -300,7 +300,7 @@ pub fn build_decoder(
 ) -> Result<ModelProto, GraphError> {
     config.validate()?;
     let mut b = GraphBuilder::new("vq_decoder", store);
-    let d = Decoder { config, params };
+    let tokenizer = Decoder { config, params };
     let codes = b.input(
         CODES,
         DType::I64,
@@ -310,8 +310,8 @@ pub fn build_decoder(
             Dim::named(dims::WIDTH),
         ],
     );
-    let z = b.scoped("quantize", |b| d.lookup(b, codes))?;
-    let z = d.conv(
+    let z = b.scoped("quantize", |b| tokenizer.lookup(b, codes))?;
+    let z = tokenizer.conv(
         &mut b,
         z,
         "post_quant_conv",
@@ -319,7 +319,7 @@ pub fn build_decoder(
         config.z_channels,
         1,
     )?;
-    let image = d.decoder(&mut b, z)?;
+    let image = tokenizer.decoder(&mut b, z)?;
     let f = config.upsample_factor();
     b.output(
         IMAGE,
