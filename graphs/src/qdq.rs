@@ -179,7 +179,7 @@ fn f32_values(bytes: &[u8], name: &str) -> Result<Vec<f32>, GraphError> {
 
 /// Symmetric INT8 per column of a `(rows, cols)` row-major matrix: the values and one scale
 /// per column (`max |column| / 127`; an all-zero column gets scale 1 and zeros).
-pub fn quantise_per_column(values: &[f32], rows: usize, cols: usize) -> (Vec<i8>, Vec<f32>) {
+fn quantise_per_column(values: &[f32], rows: usize, cols: usize) -> (Vec<i8>, Vec<f32>) {
     let mut scales = vec![0f32; cols];
     for row in values.chunks_exact(cols).take(rows) {
         for (s, v) in scales.iter_mut().zip(row) {

@@ -39,7 +39,7 @@ pub mod dims {
 }
 
 /// GroupNorm groups of every `Normalize` in the decoder (upstream `nn.GroupNorm(32, C)`).
-pub const GROUPS: usize = 32;
+const GROUPS: usize = 32;
 /// GroupNorm epsilon (upstream `Normalize` passes `eps=1e-6`, not torch's default 1e-5).
 const GROUP_NORM_EPS: f32 = 1e-6;
 /// `F.normalize`'s lower bound on the norm, so an all-zero codebook row stays zero.
