@@ -4,12 +4,14 @@
 //! scoped, hierarchical names (`/layers.3/attn/MatMul`) that read well in Netron; small
 //! constants are pooled so a graph holds each one once; large tensors (weights) go through a
 //! [`WeightStore`] that writes each of them once, even when several graphs share it.
-//! Everything that can go wrong returns a [`GraphError`]; nothing panics.
+//! Everything that can go wrong returns a [`GraphError`], a handle from another builder
+//! included; nothing panics.
 //!
 //! The operator helpers (`matmul`, `reshape`, ...) live in `ops.rs`; this file is the core:
 //! values, scopes, nodes, inputs, outputs, constants and the final `ModelProto`.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::onnx::{
     self, attribute_proto::AttributeType, tensor_proto::DataType, tensor_shape_proto, type_proto,
@@ -23,7 +25,7 @@ use crate::GraphError;
 /// parse it.
 pub const OPSET: i64 = 17;
 /// IR version 8 pairs with opset 17.
-pub const IR_VERSION: i64 = 8;
+const IR_VERSION: i64 = 8;
 
 /// Element types narx graphs use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -59,15 +61,6 @@ impl DType {
         }
     }
 
-    pub fn size(self) -> usize {
-        match self {
-            DType::F32 => 4,
-            DType::F16 => 2,
-            DType::I64 => 8,
-            DType::Bool | DType::I8 => 1,
-        }
-    }
-
     pub fn is_float(self) -> bool {
         matches!(self, DType::F32 | DType::F16)
     }
@@ -93,9 +86,11 @@ impl From<usize> for Dim {
     }
 }
 
-/// A typed handle to a value of the graph under construction.
+/// A typed handle to a value of the graph under construction. It remembers which builder
+/// made it, so a handle from another graph is refused instead of naming an unrelated value.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Value {
+    builder: u64,
     index: usize,
     dtype: DType,
 }
@@ -160,6 +155,8 @@ impl ConstData {
 
 /// Builds one ONNX graph. Weights go to the [`WeightStore`] it was given.
 pub struct GraphBuilder<'w> {
+    /// Distinguishes this builder's [`Value`]s from every other builder's.
+    id: u64,
     name: String,
     value_names: Vec<String>,
     scopes: Vec<String>,
@@ -175,7 +172,9 @@ pub struct GraphBuilder<'w> {
 
 impl<'w> GraphBuilder<'w> {
     pub fn new(name: &str, store: &'w mut WeightStore) -> Self {
+        static NEXT_ID: AtomicU64 = AtomicU64::new(0);
         GraphBuilder {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             name: name.to_string(),
             value_names: Vec::new(),
             scopes: Vec::new(),
@@ -205,14 +204,21 @@ impl<'w> GraphBuilder<'w> {
     fn new_value(&mut self, name: String, dtype: DType) -> Value {
         self.value_names.push(name);
         Value {
+            builder: self.id,
             index: self.value_names.len() - 1,
             dtype,
         }
     }
 
-    /// The name a value has in the ONNX file.
-    pub fn name_of(&self, value: Value) -> &str {
-        &self.value_names[value.index]
+    /// The name a value has in the ONNX file; an error for a handle another builder made.
+    pub fn name_of(&self, value: Value) -> Result<&str, GraphError> {
+        match self.value_names.get(value.index) {
+            Some(name) if value.builder == self.id => Ok(name),
+            _ => Err(GraphError::Invalid(format!(
+                "graph {}: value handle #{} belongs to another graph",
+                self.name, value.index
+            ))),
+        }
     }
 
     /// Declares a graph input.
@@ -228,7 +234,7 @@ impl<'w> GraphBuilder<'w> {
         if self.outputs.iter().any(|o| o.name.as_deref() == Some(name)) {
             return Err(GraphError::Invalid(format!("output {name} declared twice")));
         }
-        let old = self.name_of(value).to_string();
+        let old = self.name_of(value)?.to_string();
         let produced_here = self.nodes.iter().any(|n| n.output.contains(&old));
         let taken = self.value_names.iter().any(|n| n == name)
             || self.outputs.iter().any(|o| o.name.as_deref() == Some(&old));
@@ -248,7 +254,7 @@ impl<'w> GraphBuilder<'w> {
             self.nodes.push(NodeProto {
                 name: Some(node_name),
                 op_type: Some("Identity".into()),
-                input: vec![self.name_of(value).to_string()],
+                input: vec![old],
                 output: vec![name.to_string()],
                 ..Default::default()
             });
@@ -282,14 +288,11 @@ impl<'w> GraphBuilder<'w> {
         attrs: &[(&str, Attr)],
         output_types: &[DType],
     ) -> Result<Vec<Value>, GraphError> {
-        for input in inputs {
-            if input.index >= self.value_names.len() {
-                return Err(GraphError::Invalid(format!(
-                    "{op}: input handle {} belongs to another graph",
-                    input.index
-                )));
-            }
-        }
+        let input_names = inputs
+            .iter()
+            .map(|v| Ok(self.name_of(*v)?.to_string()))
+            .collect::<Result<Vec<_>, GraphError>>()
+            .map_err(|e| GraphError::Invalid(format!("{op}: {e}")))?;
         let node_name = self.unique_node_name(op);
         let outputs: Vec<Value> = output_types
             .iter()
@@ -299,13 +302,10 @@ impl<'w> GraphBuilder<'w> {
         let node = NodeProto {
             name: Some(node_name),
             op_type: Some(op.to_string()),
-            input: inputs
-                .iter()
-                .map(|v| self.name_of(*v).to_string())
-                .collect(),
+            input: input_names,
             output: outputs
                 .iter()
-                .map(|v| self.name_of(*v).to_string())
+                .map(|v| self.value_names[v.index].clone())
                 .collect(),
             attribute: attrs.iter().map(|(k, a)| attribute(k, a)).collect(),
             ..Default::default()
@@ -497,4 +497,27 @@ pub fn describe_io(info: &onnx::ValueInfoProto) -> Option<(DType, Vec<Dim>)> {
         })
         .collect();
     Some((dtype, dims))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_handle_from_another_builder_is_refused() {
+        let mut store = WeightStore::inline();
+        let mut other = GraphBuilder::new("other", &mut store);
+        let foreign = other.input("x", DType::F32, &[Dim::Fixed(1)]);
+        let mut store = WeightStore::inline();
+        let mut b = GraphBuilder::new("this", &mut store);
+        // Same index, same type as the foreign handle: only the builder tells them apart.
+        let own = b.input("y", DType::F32, &[Dim::Fixed(1)]);
+        assert_eq!(b.name_of(own).unwrap(), "y");
+        let err = b.name_of(foreign).unwrap_err().to_string();
+        assert!(err.contains("belongs to another graph"), "{err}");
+        let err = b.node1("Relu", &[foreign], &[], DType::F32).unwrap_err();
+        assert!(err.to_string().contains("Relu"), "{err}");
+        let err = b.output("z", foreign, &[Dim::Fixed(1)]).unwrap_err();
+        assert!(err.to_string().contains("another graph"), "{err}");
+    }
 }

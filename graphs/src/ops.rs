@@ -13,7 +13,7 @@ impl GraphBuilder<'_> {
         if value.dtype() != dtype {
             return Err(GraphError::Invalid(format!(
                 "{op}: {role} {} is {:?}, not {dtype:?}",
-                self.name_of(value),
+                self.name_of(value)?,
                 value.dtype()
             )));
         }
@@ -24,9 +24,9 @@ impl GraphBuilder<'_> {
         if a.dtype() != b.dtype() {
             return Err(GraphError::Invalid(format!(
                 "{op}: operands {} ({:?}) and {} ({:?}) differ in type",
-                self.name_of(a),
+                self.name_of(a)?,
                 a.dtype(),
-                self.name_of(b),
+                self.name_of(b)?,
                 b.dtype()
             )));
         }
