@@ -20,7 +20,7 @@ use std::ops::RangeInclusive;
 use std::path::{Component, Path};
 use std::str::FromStr;
 
-use crate::manifest::{Manifest, ShapeProfile, FORMAT_VERSION};
+use crate::manifest::{Manifest, ShapeProfile};
 use crate::onnx::tensor_proto::{DataLocation, DataType};
 use crate::onnx::tensor_shape_proto::{dimension::Value as DimValue, Dimension};
 use crate::onnx::{type_proto, GraphProto, ModelProto, NodeProto, ValueInfoProto};
@@ -381,10 +381,11 @@ static NO_PROFILES: BTreeMap<String, ShapeProfile> = BTreeMap::new();
 
 /// Checks the model directory `dir` for `target`; every problem found, in file order.
 ///
-/// Errors only when the manifest cannot be read or a file cannot be read for a reason other
-/// than its absence; a missing, truncated or unparseable file is a [`Problem`].
+/// Errors only when the manifest cannot be read or fails [`Manifest::read`]'s checks, or a
+/// file cannot be read for a reason other than its absence; a missing, truncated or
+/// unparseable file is a [`Problem`].
 pub fn check_tensorrt(dir: &Path, target: &TensorRtTarget) -> Result<Vec<Problem>, GraphError> {
-    let manifest = read_manifest(dir)?;
+    let manifest = Manifest::read(dir)?;
     let mut problems = Vec::new();
     let mut weights = FileCheck {
         target: *target,
@@ -413,29 +414,6 @@ pub fn check_tensorrt(dir: &Path, target: &TensorRtTarget) -> Result<Vec<Problem
         }
     }
     Ok(problems)
-}
-
-/// Reads `narx.json` without [`Manifest::load`]'s file checks, so that a missing or truncated
-/// file is reported as a problem next to the others instead of stopping the check.
-fn read_manifest(dir: &Path) -> Result<Manifest, GraphError> {
-    let path = Manifest::path(dir);
-    let bad = |message: String| GraphError::Manifest {
-        path: path.display().to_string(),
-        message,
-    };
-    let text = std::fs::read_to_string(&path).map_err(|e| GraphError::io(&path, e))?;
-    let value: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
-    match value.get("format_version").and_then(|v| v.as_u64()) {
-        Some(version) if (1..=u64::from(FORMAT_VERSION)).contains(&version) => {}
-        Some(version) => {
-            return Err(bad(format!(
-                "format version {version} is not one this narx reads (1 to {FORMAT_VERSION})"
-            )))
-        }
-        None => return Err(bad("no format_version".into())),
-    }
-    serde_json::from_value(value).map_err(|e| bad(format!("malformed: {e}")))
 }
 
 /// What the check knows of a value while walking the graph.
@@ -483,28 +461,19 @@ impl FileCheck<'_> {
 
     /// The weight file exists with the size the manifest recorded.
     fn weights_file(&mut self, dir: &Path, bytes: u64) {
-        let message = if !is_plain_name(self.file) {
-            "must be a plain file name inside the model directory".to_string()
-        } else {
-            match std::fs::metadata(dir.join(self.file)) {
-                Ok(meta) if meta.is_file() && meta.len() == bytes => return,
-                Ok(meta) if meta.is_file() => format!(
-                    "has {} bytes, the manifest says {bytes} (truncated or replaced?)",
-                    meta.len()
-                ),
-                _ => "is missing from the model directory".to_string(),
-            }
+        let message = match std::fs::metadata(dir.join(self.file)) {
+            Ok(meta) if meta.is_file() && meta.len() == bytes => return,
+            Ok(meta) if meta.is_file() => format!(
+                "has {} bytes, the manifest says {bytes} (truncated or replaced?)",
+                meta.len()
+            ),
+            _ => "is missing from the model directory".to_string(),
         };
         self.error(ProblemKind::File, None, message);
     }
 
     /// Reads and decodes the graph file; `None` (with the problem reported) when that fails.
     fn load(&mut self, dir: &Path) -> Result<Option<ModelProto>, GraphError> {
-        if !is_plain_name(self.file) {
-            let message = "must be a plain file name inside the model directory".to_string();
-            self.error(ProblemKind::File, None, message);
-            return Ok(None);
-        }
         let path = dir.join(self.file);
         let size = match std::fs::metadata(&path) {
             Ok(meta) if meta.is_file() => meta.len(),
@@ -1070,11 +1039,6 @@ fn is_default_domain(domain: Option<&str>) -> bool {
     matches!(domain, None | Some("") | Some("ai.onnx"))
 }
 
-/// A name the manifest may use for a file: no directories, nothing hidden.
-fn is_plain_name(file: &str) -> bool {
-    !file.is_empty() && !file.contains(['/', '\\']) && !file.starts_with('.')
-}
-
 /// A relative path that stays inside the directory it is relative to.
 fn is_inside(location: &str) -> bool {
     let mut components = Path::new(location).components().peekable();
@@ -1142,7 +1106,7 @@ fn type_list(types: Types) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::builder::{Attr, DType, Dim, GraphBuilder};
     use crate::larp::{self, LarpConfig};
@@ -1152,7 +1116,7 @@ mod tests {
     use crate::vq;
     use crate::weights::WeightStore;
 
-    fn image() -> ModelConfig {
+    pub(crate) fn image() -> ModelConfig {
         ModelConfig::Image(ModelArgs {
             dim: 64,
             n_layer: 2,
@@ -1165,7 +1129,7 @@ mod tests {
     }
 
     /// The t2i variant: captions of 4 tokens, with a 0/1 mask and a null-caption flag.
-    fn captions() -> ModelConfig {
+    pub(crate) fn captions() -> ModelConfig {
         let ModelConfig::Image(args) = image() else {
             unreachable!("image() is an image model")
         };
@@ -1177,7 +1141,7 @@ mod tests {
         })
     }
 
-    fn video() -> ModelConfig {
+    pub(crate) fn video() -> ModelConfig {
         ModelConfig::Video(VideoArgs {
             dim: 64,
             n_layer: 2,
@@ -1190,7 +1154,7 @@ mod tests {
     }
 
     /// The `larp-tiny` fixture's tokenizer: 48 latent tokens, a 128-entry codebook.
-    fn larp_config() -> LarpConfig {
+    pub(crate) fn larp_config() -> LarpConfig {
         serde_json::from_str(
             r#"{"bottleneck": {"name": "bottleneck", "args": {"bottleneck_dim": 16,
                 "norm": "none", "regularizer": {"name": "vq", "args": {
@@ -1627,6 +1591,31 @@ mod tests {
             opset_errors(TensorRtTarget::V8_6),
             ["error: step.onnx: opset 18 is outside TensorRT 8.6's opsets 7 to 17"]
         );
+    }
+
+    #[test]
+    fn an_unreadable_manifest_is_refused_as_run_refuses_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let refusal = || {
+            check_tensorrt(dir.path(), &TensorRtTarget::V10)
+                .unwrap_err()
+                .to_string()
+        };
+        let err = refusal();
+        assert!(err.contains("narx.json: missing"), "{err}");
+        let mut manifest = serde_json::to_value(export(dir.path(), image())).unwrap();
+        manifest["format_version"] = "one".into();
+        std::fs::write(dir.path().join("narx.json"), manifest.to_string()).unwrap();
+        let err = refusal();
+        assert!(
+            err.contains("format_version \"one\" is not a whole number"),
+            "{err}"
+        );
+        manifest["format_version"] = 1.into();
+        manifest["graphs"]["step"]["file"] = "../step.onnx".into();
+        std::fs::write(dir.path().join("narx.json"), manifest.to_string()).unwrap();
+        let err = refusal();
+        assert!(err.contains("graphs.step.file \"../step.onnx\""), "{err}");
     }
 
     #[test]

@@ -218,3 +218,62 @@ fn broken_model_directories_are_refused() {
         &["nowhere"],
     );
 }
+
+/// A named edit of a manifest, and what the refusal must say.
+type Edit = (
+    &'static str,
+    fn(&mut serde_json::Value),
+    &'static [&'static str],
+);
+
+#[test]
+fn manifests_that_contradict_their_config_are_refused_by_run_and_bench() {
+    let temp = tempfile::tempdir().unwrap();
+    let t = temp.path();
+    let dir = exported(t, "nar-c2i-tiny");
+    let d = dir.to_str().unwrap();
+    let manifest_path = dir.join("narx.json");
+    let original: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&manifest_path).unwrap()).unwrap();
+    let edits: [Edit; 5] = [
+        // Each of these used to reach a division by zero or an overflow in the runtime.
+        ("n_head", |m| m["config"]["n_head"] = 0.into(), &["n_head"]),
+        (
+            "multiple_of",
+            |m| m["config"]["multiple_of"] = 0.into(),
+            &["multiple_of"],
+        ),
+        (
+            "capacity",
+            |m| m["kv_cache"]["capacity"] = u64::MAX.into(),
+            &["kv_cache.capacity", "implies"],
+        ),
+        (
+            "family",
+            |m| m["family"] = "nar-t2i".into(),
+            &["family nar-t2i", "nar-c2i"],
+        ),
+        (
+            "qdq model",
+            |m| {
+                m["calibration"] = serde_json::json!({
+                    "method": "max", "generations": 1, "tensors": 1,
+                    "ranges": "ranges.json", "trt_cache": "calibration.cache",
+                    "trt_version": "TRT-100000", "ort_table": "calibration.flatbuffers",
+                    "qdq_model": "../elsewhere", "quality": "quality.json"
+                })
+            },
+            &["calibration.qdq_model", "plain name"],
+        ),
+    ];
+    for (what, edit, needles) in edits {
+        let mut manifest = original.clone();
+        edit(&mut manifest);
+        std::fs::write(&manifest_path, manifest.to_string()).unwrap();
+        let mut expected = vec!["narx.json"];
+        expected.extend_from_slice(needles);
+        eprintln!("{what}");
+        assert_bad_input(&narx(&["run", d, "--class", "1"]), &expected);
+        assert_bad_input(&narx(&["bench", d, "--repeat", "1"]), &expected);
+    }
+}

@@ -42,9 +42,9 @@
 //! the cache at full capacity.
 //!
 //! ```text
-//!   prefill(condition)      -> logits, present.* (capacity slots), present_key_bias (C)
-//!   step(tokens, positions, key_bias, cache_write, past.*)
-//!                           -> logits, present.* = past + cache_write · this call's K/V
+//!   prefill(condition, head_mix) -> logits, present.* (capacity slots), present_key_bias (C)
+//!   step(tokens, positions, key_bias, cache_write, past.*, head_mix)
+//!                                -> logits, present.* = past + cache_write · this call's K/V
 //! ```
 //!
 //! `cache_write (capacity, width)` is one-hot per real token (the row of its cache slot) and
@@ -90,17 +90,28 @@ pub mod names {
     /// The weight holding the token embeddings followed by the class embeddings.
     pub const TOKEN_AND_CLASS_EMBEDDINGS: &str = "embeddings.tokens_then_classes";
 
+    /// Per-block cache names, `{layer}` standing for the block index: the manifest's
+    /// `kv_cache` holds these patterns, the graphs the names [`for_layer`] makes of them.
+    pub const PAST_KEY: &str = "past.{layer}.key";
+    pub const PAST_VALUE: &str = "past.{layer}.value";
+    pub const PRESENT_KEY: &str = "present.{layer}.key";
+    pub const PRESENT_VALUE: &str = "present.{layer}.value";
+
+    /// A cache name `pattern` with `{layer}` replaced by `layer`.
+    pub fn for_layer(pattern: &str, layer: usize) -> String {
+        pattern.replace("{layer}", &layer.to_string())
+    }
     pub fn past_key(layer: usize) -> String {
-        format!("past.{layer}.key")
+        for_layer(PAST_KEY, layer)
     }
     pub fn past_value(layer: usize) -> String {
-        format!("past.{layer}.value")
+        for_layer(PAST_VALUE, layer)
     }
     pub fn present_key(layer: usize) -> String {
-        format!("present.{layer}.key")
+        for_layer(PRESENT_KEY, layer)
     }
     pub fn present_value(layer: usize) -> String {
-        format!("present.{layer}.value")
+        for_layer(PRESENT_VALUE, layer)
     }
 }
 
@@ -208,6 +219,10 @@ pub(crate) fn f32_param(
     })
 }
 
+/// Most positions (condition and grid) a model may have: far beyond any released NAR model
+/// (a 64 × 64 grid has 4096), low enough that every size derived from them fits.
+const MAX_POSITIONS: usize = 1 << 20;
+
 /// What to build: the model, its latent grid and the precision of weights and matmuls.
 #[derive(Clone, Debug)]
 pub struct NarSpec {
@@ -224,8 +239,10 @@ impl NarSpec {
     /// Checks that the grid suits the model: square for the image model (its rotary table
     /// and upstream's mask are square), the trained `latent_shape` for video (positions in
     /// the learned table mean a fixed `(T, H, W)`).
+    ///
+    /// The grid is checked first, and its size bounded, so that no count derived from it
+    /// (the video config's own checks included) can overflow.
     pub fn new(config: ModelConfig, grid: Vec<usize>, dtype: DType) -> Result<Self, GraphError> {
-        config.validate()?;
         let bad = |m: String| Err(GraphError::Config(m));
         match &config {
             ModelConfig::Image(_) => {
@@ -242,6 +259,18 @@ impl NarSpec {
                 }
             }
         }
+        let positions = grid
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d))
+            .and_then(|cells| cells.checked_add(config.condition_len()));
+        if !matches!(positions, Some(p) if p <= MAX_POSITIONS) {
+            return bad(format!(
+                "grid {grid:?} and {} condition positions make more than {MAX_POSITIONS} \
+                 positions",
+                config.condition_len()
+            ));
+        }
+        config.validate()?;
         if !dtype.is_float() {
             return bad(format!("{dtype:?} is not a model dtype"));
         }
