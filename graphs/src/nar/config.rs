@@ -120,6 +120,10 @@ impl ModelArgs {
             "t2i" if self.cls_token_num == 0 || self.caption_dim == 0 => {
                 bad("t2i models need cls_token_num and caption_dim".into())
             }
+            "t2i" if self.caption_dim > MAX_SIZE => bad(format!(
+                "caption_dim {} is more than {MAX_SIZE}",
+                self.caption_dim
+            )),
             "c2i" | "t2i" => Ok(()),
             other => bad(format!(
                 "model_type {other:?} is neither \"c2i\" nor \"t2i\""
@@ -230,6 +234,14 @@ pub(super) fn class_rows(num_classes: usize, class_dropout_prob: f64) -> usize {
     num_classes + usize::from(class_dropout_prob > 0.0)
 }
 
+/// Most a width or vocabulary may be, and most blocks: far beyond any real model, low
+/// enough that every count derived from them (parameters, FFN width) fits in a 64-bit
+/// `usize`.
+const MAX_SIZE: usize = 1 << 20;
+const MAX_LAYERS: usize = 1 << 12;
+/// Most `ffn_dim_multiplier` may be (upstream presets use about 1.3), for the same reason.
+const MAX_FFN_MULTIPLIER: f64 = 16.0;
+
 /// The transformer shape both families share (blocks, attention, FFN, vocabulary).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Transformer {
@@ -261,6 +273,23 @@ impl Transformer {
         }
         if self.multiple_of == 0 {
             return bad("multiple_of must be positive".into());
+        }
+        for (field, value, max) in [
+            ("dim", self.dim, MAX_SIZE),
+            ("n_layer", self.n_layer, MAX_LAYERS),
+            ("vocab_size", self.vocab_size, MAX_SIZE),
+            ("multiple_of", self.multiple_of, MAX_SIZE),
+        ] {
+            if value > max {
+                return bad(format!("{field} {value} is more than {max}"));
+            }
+        }
+        if let Some(m) = self.ffn_dim_multiplier {
+            if !(m > 0.0 && m <= MAX_FFN_MULTIPLIER) {
+                return bad(format!(
+                    "ffn_dim_multiplier {m} must be in (0, {MAX_FFN_MULTIPLIER}]"
+                ));
+            }
         }
         Ok(())
     }
@@ -507,5 +536,26 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("\"video\""), "{err}");
+        // Sizes whose parameter count or FFN width would overflow.
+        let huge = |edit: fn(&mut ModelArgs)| {
+            let mut args = preset(2, 4, 96);
+            edit(&mut args);
+            args.validate().unwrap_err().to_string()
+        };
+        let err = huge(|a| a.dim = 1 << 40);
+        assert!(err.contains("dim 1099511627776"), "{err}");
+        let err = huge(|a| a.n_layer = usize::MAX);
+        assert!(err.contains("n_layer"), "{err}");
+        let err = huge(|a| a.vocab_size = 1 << 40);
+        assert!(err.contains("vocab_size"), "{err}");
+        let err = huge(|a| a.ffn_dim_multiplier = Some(1e300));
+        assert!(err.contains("ffn_dim_multiplier"), "{err}");
+        let err = huge(|a| a.ffn_dim_multiplier = Some(f64::NAN));
+        assert!(err.contains("ffn_dim_multiplier"), "{err}");
+        let err = huge(|a| {
+            a.model_type = "t2i".into();
+            a.caption_dim = 1 << 40;
+        });
+        assert!(err.contains("caption_dim"), "{err}");
     }
 }
