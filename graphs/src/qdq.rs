@@ -281,7 +281,7 @@ mod tests {
         );
         for (input, w) in [(x, w1), (y, w2), (x, w3)] {
             let out = b.matmul(input, w).unwrap();
-            let name = b.name_of(out).to_string();
+            let name = b.name_of(out).unwrap().to_string();
             b.output(&format!("out_{name}"), out, &dims).unwrap();
         }
         let model = b.finish();
