@@ -119,7 +119,7 @@ pub mod names {
 pub mod dims {
     pub const BATCH: &str = "batch";
     pub const WIDTH: &str = "width";
-    /// Rows of head logits: the rows of [`names::HEAD_MIX`].
+    /// Rows of head logits: the rows of [`super::names::HEAD_MIX`].
     pub const HEAD_ROWS: &str = "head_rows";
     pub const PAST: &str = "past";
     /// `past + width`: computed by the graph, written to ONNX as an unnamed dimension.
