@@ -52,11 +52,22 @@ pub(crate) enum Object {
     /// gives the same values as a Python dict.
     Dict(Vec<(Value, Value)>),
     Set(Vec<Value>),
-    /// An `argparse.Namespace` record: its attributes, never anything callable.
-    Namespace(Vec<(Value, Value)>),
-    Storage(Storage),
-    Tensor(Tensor),
+    /// An `argparse.Namespace` record: the dicts BUILD gave it attributes from, by object id
+    /// (copying them would let each three-byte BUILD copy a whole dict), never anything
+    /// callable.
+    Namespace(Vec<usize>),
+    Storage(Box<Storage>),
+    Tensor(Box<Tensor>),
 }
+
+/// The most dimensions a tensor may have (torch allows 64; state dicts use a handful). Each
+/// `_rebuild_tensor_v2` copies its size and stride tuples, so a bound keeps that copy small.
+const MAX_RANK: usize = 16;
+
+/// Objects, container elements and memo entries the pickle may create per byte of its
+/// length. Every such unit costs tens of bytes of memory, and a real state dict spends several
+/// bytes of pickle on each (keys, storage records, memo puts), far below this.
+const UNITS_PER_BYTE: usize = 1;
 
 /// A storage referenced by a persistent id: its data is the archive entry `data/<key>`.
 #[derive(Clone, Debug)]
@@ -149,8 +160,18 @@ fn describe(objects: &[Object], value: &Value) -> String {
             Some(Object::List(items)) => format!("a list of {} items", items.len()),
             Some(Object::Dict(entries)) => format!("a dict of {} entries", entries.len()),
             Some(Object::Set(items)) => format!("a set of {} items", items.len()),
-            Some(Object::Namespace(attributes)) => {
-                format!("an argparse.Namespace of {} attributes", attributes.len())
+            Some(Object::Namespace(states)) => {
+                let mut states = states.clone();
+                states.sort_unstable();
+                states.dedup();
+                let attributes: usize = states
+                    .iter()
+                    .map(|&id| match objects.get(id) {
+                        Some(Object::Dict(entries)) => entries.len(),
+                        _ => 0,
+                    })
+                    .sum();
+                format!("an argparse.Namespace of {attributes} attributes")
             }
             Some(Object::Storage(storage)) => format!("a {} storage", storage.dtype.name()),
             Some(Object::Tensor(tensor)) => {
@@ -244,6 +265,7 @@ pub(crate) fn unpickle(data: &[u8]) -> Result<Pickle, PickleError> {
         marks: Vec::new(),
         memo: HashMap::new(),
         objects: Vec::new(),
+        units: 0,
     };
     loop {
         machine.op_start = machine.pos;
@@ -266,6 +288,8 @@ struct Machine<'a> {
     marks: Vec<usize>,
     memo: HashMap<u32, Value>,
     objects: Vec<Object>,
+    /// Objects, container elements and memo entries made so far; see [`UNITS_PER_BYTE`].
+    units: usize,
 }
 
 type Step<T> = Result<T, PickleError>;
@@ -310,33 +334,33 @@ impl<'a> Machine<'a> {
                 self.pop_mark()?;
             }
             // EMPTY_DICT, EMPTY_LIST, EMPTY_TUPLE, EMPTY_SET
-            b'}' => self.push_object(Object::Dict(Vec::new())),
-            b']' => self.push_object(Object::List(Vec::new())),
-            b')' => self.push_object(Object::Tuple(Vec::new())),
-            0x8f => self.push_object(Object::Set(Vec::new())),
+            b'}' => self.push_object(Object::Dict(Vec::new()))?,
+            b']' => self.push_object(Object::List(Vec::new()))?,
+            b')' => self.push_object(Object::Tuple(Vec::new()))?,
+            0x8f => self.push_object(Object::Set(Vec::new()))?,
             // TUPLE, TUPLE1, TUPLE2, TUPLE3
             b't' => {
                 let items = self.pop_mark()?;
-                self.push_object(Object::Tuple(items));
+                self.push_object(Object::Tuple(items))?;
             }
             0x85..=0x87 => {
                 let n = usize::from(op - 0x84);
                 let items = self.pop_n(n)?;
-                self.push_object(Object::Tuple(items));
+                self.push_object(Object::Tuple(items))?;
             }
             // DICT, LIST, FROZENSET
             b'd' => {
                 let items = self.pop_mark()?;
                 let entries = self.pairs(items)?;
-                self.push_object(Object::Dict(entries));
+                self.push_object(Object::Dict(entries))?;
             }
             b'l' => {
                 let items = self.pop_mark()?;
-                self.push_object(Object::List(items));
+                self.push_object(Object::List(items))?;
             }
             0x91 => {
                 let items = self.pop_mark()?;
-                self.push_object(Object::Set(items));
+                self.push_object(Object::Set(items))?;
             }
             // SETITEM, SETITEMS
             b's' => {
@@ -486,7 +510,7 @@ impl<'a> Machine<'a> {
             b'Q' => {
                 let pid = self.pop()?;
                 let storage = self.persistent_load(&pid)?;
-                self.push_object(Object::Storage(storage));
+                self.push_object(Object::Storage(Box::new(storage)))?;
             }
             _ => {
                 let printable = if op.is_ascii_graphic() {
@@ -606,14 +630,39 @@ impl<'a> Machine<'a> {
         }
     }
 
-    fn new_object(&mut self, object: Object) -> Value {
-        self.objects.push(object);
-        Value::Object(self.objects.len() - 1)
+    /// Counts `n` new objects, elements or memo entries against the budget, which bounds the
+    /// memory a small (or highly compressible) pickle can make the reader allocate.
+    fn charge(&mut self, n: usize) -> Step<()> {
+        let budget = self.data.len().saturating_mul(UNITS_PER_BYTE);
+        match self.units.checked_add(n) {
+            Some(units) if units <= budget => {
+                self.units = units;
+                Ok(())
+            }
+            _ => self.error(format!(
+                "the pickle creates more objects, elements and memo entries than its {} bytes \
+                 can describe in a state dict ({budget}); it is crafted or corrupt",
+                self.data.len()
+            )),
+        }
     }
 
-    fn push_object(&mut self, object: Object) {
-        let value = self.new_object(object);
+    fn new_object(&mut self, object: Object) -> Step<Value> {
+        let elements = match &object {
+            Object::Tuple(items) | Object::List(items) | Object::Set(items) => items.len(),
+            Object::Dict(entries) => entries.len(),
+            Object::Namespace(states) => states.len(),
+            Object::Storage(_) | Object::Tensor(_) => 0,
+        };
+        self.charge(1 + elements)?;
+        self.objects.push(object);
+        Ok(Value::Object(self.objects.len() - 1))
+    }
+
+    fn push_object(&mut self, object: Object) -> Step<()> {
+        let value = self.new_object(object)?;
         self.stack.push(value);
+        Ok(())
     }
 
     fn pairs(&self, items: Vec<Value>) -> Step<Vec<(Value, Value)>> {
@@ -645,6 +694,7 @@ impl<'a> Machine<'a> {
     }
 
     fn extend_dict(&mut self, entries: Vec<(Value, Value)>) -> Step<()> {
+        self.charge(entries.len())?;
         match self.target()? {
             Object::Dict(dict) => {
                 dict.extend(entries);
@@ -655,6 +705,7 @@ impl<'a> Machine<'a> {
     }
 
     fn extend_sequence(&mut self, items: Vec<Value>, set: bool) -> Step<()> {
+        self.charge(items.len())?;
         match (self.target()?, set) {
             (Object::List(list), false) | (Object::Set(list), true) => {
                 list.extend(items);
@@ -666,6 +717,7 @@ impl<'a> Machine<'a> {
     }
 
     fn memo_put(&mut self, index: u32) -> Step<()> {
+        self.charge(1)?;
         match self.stack.last() {
             Some(top) => {
                 self.memo.insert(index, top.clone());
@@ -704,20 +756,30 @@ impl<'a> Machine<'a> {
                 self.describe(callable)
             ));
         };
-        let Some(args) = self.tuple(args).map(<[Value]>::to_vec) else {
+        let Some(args) = self.tuple(args) else {
             return self.error(format!(
                 "the arguments to {} are {}, expected a tuple",
                 global.describe(),
                 self.describe(args)
             ));
         };
+        // No allowed callable takes more than 7 arguments; refusing first keeps a memoized
+        // huge tuple from being copied.
+        if args.len() > 7 {
+            return self.error(format!(
+                "cannot call {} with {} arguments",
+                global.describe(),
+                args.len()
+            ));
+        }
+        let args = args.to_vec();
         match (global, args.as_slice()) {
-            (Global::OrderedDict, []) => Ok(self.new_object(Object::Dict(Vec::new()))),
-            (Global::Namespace, []) => Ok(self.new_object(Object::Namespace(Vec::new()))),
+            (Global::OrderedDict, []) => self.new_object(Object::Dict(Vec::new())),
+            (Global::Namespace, []) => self.new_object(Object::Namespace(Vec::new())),
             (Global::RebuildTensorV2, [storage, offset, shape, strides, _, _])
             | (Global::RebuildTensorV2, [storage, offset, shape, strides, _, _, _]) => {
                 let tensor = self.rebuild_tensor(storage, offset, shape, strides)?;
-                Ok(self.new_object(Object::Tensor(tensor)))
+                self.new_object(Object::Tensor(Box::new(tensor)))
             }
             (Global::RebuildParameter, [tensor, _, _])
             | (Global::RebuildParameterWithState, [tensor, _, _, _]) => {
@@ -760,7 +822,7 @@ impl<'a> Machine<'a> {
             ));
         }
         Ok(Tensor {
-            storage: storage.clone(),
+            storage: (**storage).clone(),
             offset,
             shape,
             strides,
@@ -782,6 +844,10 @@ impl<'a> Machine<'a> {
 
     fn usizes(&self, value: &Value, what: &str) -> Step<Vec<usize>> {
         match self.tuple(value) {
+            Some(items) if items.len() > MAX_RANK => self.error(format!(
+                "tensor {what} has {} dimensions, more than the {MAX_RANK} supported",
+                items.len()
+            )),
             Some(items) => items.iter().map(|item| self.usize(item, what)).collect(),
             None => self.error(format!(
                 "tensor {what} is {}, expected a tuple of ints",
@@ -790,17 +856,18 @@ impl<'a> Machine<'a> {
         }
     }
 
-    /// BUILD: Namespace attributes are recorded; the state of an OrderedDict (its `_metadata`
-    /// attribute) is irrelevant to the weights and dropped.
+    /// BUILD: a Namespace records the dict of attributes it was given; the state of an
+    /// OrderedDict (its `_metadata` attribute) is irrelevant to the weights and dropped.
     fn build(&mut self, state: Value) -> Step<()> {
-        let attributes = match self.object_of(&state) {
-            Some(Object::Dict(entries)) => Some(entries.clone()),
+        let attributes = match (&state, self.object_of(&state)) {
+            (Value::Object(id), Some(Object::Dict(_))) => Some(*id),
             _ => None,
         };
         let state_description = self.describe(&state);
+        self.charge(1)?;
         match (self.target()?, attributes) {
-            (Object::Namespace(fields), Some(attributes)) => {
-                fields.extend(attributes);
+            (Object::Namespace(states), Some(id)) => {
+                states.push(id);
                 Ok(())
             }
             (Object::Dict(_), _) => Ok(()),
@@ -1122,6 +1189,71 @@ pub(crate) mod tests {
         // Bad persistent id.
         let (_, detail) = malformed(&[0x80, 2, b'N', b'Q', b'.']);
         assert!(detail.contains("persistent id is None"), "{detail}");
+    }
+
+    #[test]
+    fn repeated_builds_record_the_dict_once() {
+        // ns = Namespace(); d = {0..1000: None} (memoized); BUILD(ns, d) 10 000 times: each
+        // BUILD costs three bytes, so copying d each time would build ten million entries.
+        let mut p = Assembler::new();
+        p.global("argparse", "Namespace").op(b')').op(0x81);
+        p.op(b'}').op(b'q').op(0).op(b'(');
+        for key in 0..1000 {
+            p.int(key).op(b'N');
+        }
+        p.op(b'u').op(b'b');
+        for _ in 0..10_000 {
+            p.op(b'h').op(0).op(b'b');
+        }
+        p.op(b'.');
+        let pickle = unpickle(&p.bytes()).unwrap();
+        assert_eq!(
+            pickle.describe(pickle.root()),
+            "an argparse.Namespace of 1000 attributes"
+        );
+    }
+
+    #[test]
+    fn ranks_beyond_sixteen_are_refused() {
+        let mut p = Assembler::new();
+        p.tensor("FloatStorage", "0", 1, 0, &[1; 16], &[1; 16])
+            .op(b'.');
+        assert!(unpickle(&p.bytes()).is_ok());
+        let mut p = Assembler::new();
+        p.tensor("FloatStorage", "0", 1, 0, &[1; 17], &[1; 17])
+            .op(b'.');
+        let (_, detail) = malformed(&p.bytes());
+        assert!(
+            detail.contains("17 dimensions, more than the 16"),
+            "{detail}"
+        );
+    }
+
+    #[test]
+    fn calls_with_a_huge_argument_tuple_are_refused() {
+        let mut p = Assembler::new();
+        p.global("collections", "OrderedDict").op(b'(');
+        for _ in 0..100 {
+            p.op(b'N');
+        }
+        p.op(b't').op(b'R').op(b'.');
+        let (_, detail) = malformed(&p.bytes());
+        assert!(detail.contains("with 100 arguments"), "{detail}");
+    }
+
+    #[test]
+    fn objects_beyond_the_budget_are_refused() {
+        // Each TUPLE1 wraps the top of the stack in a new tuple: two units per byte.
+        let mut data = vec![0x80, 2, b']'];
+        data.extend(std::iter::repeat_n(0x85, 10_000));
+        data.push(b'.');
+        let (_, detail) = malformed(&data);
+        assert!(detail.contains("crafted or corrupt"), "{detail}");
+        // One unit per byte is within it: each MEMOIZE adds a memo entry.
+        let mut data = vec![0x80, 4, b']'];
+        data.extend(std::iter::repeat_n(0x94, 10_000));
+        data.push(b'.');
+        assert!(unpickle(&data).is_ok());
     }
 
     #[test]
