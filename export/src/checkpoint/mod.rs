@@ -3,7 +3,9 @@
 //! Everything downstream reads weights through [`TensorSource`], so exporters and tests do not
 //! care whether the weights come from a safetensors file, a `torch.save` archive or memory. The
 //! file readers memory-map the file and validate all tensor metadata when opening, so a truncated
-//! or corrupt file fails early with a message naming it; tensor data is converted on demand.
+//! or corrupt file fails early with a message naming it; tensor data is converted on demand. The
+//! exception is a deflated storage (an archive repacked by another tool): its data is checked
+//! only when the tensor is read.
 
 mod pickle;
 mod pytorch;

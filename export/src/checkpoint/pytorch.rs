@@ -12,6 +12,7 @@ use std::io::{Cursor, Read};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
+use std::sync::Arc;
 
 use memmap2::Mmap;
 use zip::{CompressionMethod, ZipArchive};
@@ -20,7 +21,7 @@ use super::pickle::{self, lookup, Pickle, PickleError, Tensor, Value};
 use super::{map_file, numel, CheckpointError, Dtype, TensorSource};
 
 /// Refuse to inflate a `data.pkl` larger than this; real ones are a few megabytes at most.
-const MAX_PICKLE_LEN: u64 = 1 << 30;
+const MAX_PICKLE_LEN: u64 = 64 << 20;
 
 /// Keys under which checkpoints nest the state dict, in the order the upstream loader checks.
 const STATE_DICT_KEYS: [&str; 3] = ["model", "module", "state_dict"];
@@ -31,21 +32,32 @@ const WRAPPER_PREFIXES: [&str; 2] = ["module.", "_orig_mod."];
 /// A `torch.save` zip archive holding a state dict, validated when opened.
 pub struct PytorchFile {
     path: PathBuf,
-    map: Mmap,
+    map: SharedMap,
+    /// The archive as parsed when opened; cloning it shares the parsed central directory.
+    archive: ZipArchive<Cursor<SharedMap>>,
     tensors: BTreeMap<String, StoredTensor>,
+}
+
+/// The mapped file, shared by the archive reader and the stored-entry slices.
+#[derive(Clone)]
+struct SharedMap(Arc<Mmap>);
+
+impl AsRef<[u8]> for SharedMap {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
 }
 
 struct StoredTensor {
     dtype: Dtype,
     shape: Vec<usize>,
     strides: Vec<usize>,
-    /// In elements.
-    offset: usize,
     /// The zip entry holding the storage, for messages.
     entry: String,
     data: StorageData,
-    /// Length of the storage in bytes, at most that of its entry.
-    storage_len: usize,
+    /// The bytes of the storage the view touches, within its entry; the view's offset is
+    /// the first of them.
+    span: Range<usize>,
 }
 
 /// Where a storage's bytes are.
@@ -61,11 +73,19 @@ impl PytorchFile {
     /// Maps the archive, unpickles its state dict and checks that every tensor's data is
     /// present: a truncated or corrupt archive fails here.
     pub fn open(path: &Path) -> Result<Self, CheckpointError> {
-        let map = map_file(path)?;
-        let tensors = index_archive(path, &map)?;
+        let map = SharedMap(Arc::new(map_file(path)?));
+        let mut archive =
+            ZipArchive::new(Cursor::new(map.clone())).map_err(|e| CheckpointError::Archive {
+                path: path.to_owned(),
+                detail: format!(
+                    "not a readable zip archive ({e}); the file is truncated or corrupt"
+                ),
+            })?;
+        let tensors = index_archive(path, &mut archive, map.0.len())?;
         Ok(Self {
             path: path.to_owned(),
             map,
+            archive,
             tensors,
         })
     }
@@ -78,44 +98,55 @@ impl PytorchFile {
         }
     }
 
-    /// Decompresses the first `len` bytes of a deflated storage entry. The buffer grows with
-    /// the data actually inflated rather than with sizes the archive claims.
-    fn inflate(&self, name: &str, index: usize, len: usize) -> Result<Vec<u8>, CheckpointError> {
-        let mut archive = ZipArchive::new(Cursor::new(&self.map[..]))
-            .map_err(|e| self.tensor_error(name, format!("cannot reopen the archive: {e}")))?;
+    /// Decompresses the bytes `span` of a deflated storage entry, skipping those before it,
+    /// so memory follows the view rather than the storage. The buffer grows with the data
+    /// actually inflated rather than with sizes the archive claims.
+    fn inflate(
+        &self,
+        name: &str,
+        index: usize,
+        span: &Range<usize>,
+    ) -> Result<Vec<u8>, CheckpointError> {
+        let mut archive = self.archive.clone();
         let mut bytes = Vec::new();
+        let skip = span.start as u64;
         archive
             .by_index(index)
-            .and_then(|entry| Ok(entry.take(len as u64).read_to_end(&mut bytes)?))
+            .and_then(|mut entry| {
+                let skipped = std::io::copy(&mut (&mut entry).take(skip), &mut std::io::sink())?;
+                if skipped == skip {
+                    entry.take(span.len() as u64).read_to_end(&mut bytes)?;
+                }
+                Ok(())
+            })
             .map_err(|e| self.tensor_error(name, format!("cannot inflate its storage: {e}")))?;
-        if bytes.len() != len {
+        if bytes.len() != span.len() {
             return Err(self.tensor_error(
                 name,
-                format!("its storage inflated to {} bytes, not {len}", bytes.len()),
+                format!(
+                    "its storage inflated to fewer than the {} bytes its view needs",
+                    span.end
+                ),
             ));
         }
         Ok(bytes)
     }
 }
 
-fn index_archive(
+fn index_archive<R: Read + std::io::Seek>(
     path: &Path,
-    map: &[u8],
+    archive: &mut ZipArchive<R>,
+    file_len: usize,
 ) -> Result<BTreeMap<String, StoredTensor>, CheckpointError> {
     let invalid = |detail: String| CheckpointError::Archive {
         path: path.to_owned(),
         detail,
     };
-    let mut archive = ZipArchive::new(Cursor::new(map)).map_err(|e| {
-        invalid(format!(
-            "not a readable zip archive ({e}); the file is truncated or corrupt"
-        ))
-    })?;
-    let prefix = archive_prefix(&archive).map_err(invalid)?;
+    let prefix = archive_prefix(archive).map_err(invalid)?;
 
     let byteorder_name = format!("{prefix}/byteorder");
     if archive.index_for_name(&byteorder_name).is_some() {
-        let byteorder = read_entry(&mut archive, &byteorder_name, 16).map_err(invalid)?;
+        let byteorder = read_entry(archive, &byteorder_name, 16).map_err(invalid)?;
         if byteorder != b"little" {
             return Err(invalid(format!(
                 "`{byteorder_name}` says {:?}; only little-endian archives are supported",
@@ -125,7 +156,7 @@ fn index_archive(
     }
 
     let pickle_name = format!("{prefix}/data.pkl");
-    let data = read_entry(&mut archive, &pickle_name, MAX_PICKLE_LEN).map_err(invalid)?;
+    let data = read_entry(archive, &pickle_name, MAX_PICKLE_LEN).map_err(invalid)?;
     let pickle = pickle::unpickle(&data).map_err(|e| match e {
         PickleError::Malformed { offset, detail } => CheckpointError::Pickle {
             path: path.to_owned(),
@@ -154,7 +185,7 @@ fn index_archive(
         let (entry_name, data, entry_len) = match storages.get(&storage.key) {
             Some(found) => found.clone(),
             None => {
-                let found = locate_storage(&mut archive, &entry_name, map.len())
+                let found = locate_storage(archive, &entry_name, file_len)
                     .map(|(data, len)| (entry_name, data, len))
                     .map_err(&bad_tensor)?;
                 storages.insert(storage.key.clone(), found.clone());
@@ -174,7 +205,7 @@ fn index_archive(
                 tensor.offset, tensor.shape, tensor.strides, storage.key, storage.numel
             )));
         }
-        let storage_len = storage
+        storage
             .numel
             .checked_mul(storage.dtype.size())
             .filter(|&len| len <= entry_len)
@@ -186,6 +217,13 @@ fn index_archive(
                     storage.dtype.name(),
                 ))
             })?;
+        // Neither end overflows: both are at most the storage's length in bytes.
+        let size = storage.dtype.size();
+        let span = if elements == 0 {
+            0..0
+        } else {
+            tensor.offset * size..elements * size
+        };
         // Reading converts the whole view, so its size must be addressable.
         if numel(&tensor.shape)
             .and_then(|n| n.checked_mul(storage.dtype.size()))
@@ -200,10 +238,9 @@ fn index_archive(
             dtype: storage.dtype,
             shape: tensor.shape.clone(),
             strides: tensor.strides.clone(),
-            offset: tensor.offset,
             entry: entry_name,
             data,
-            storage_len,
+            span,
         };
         tensors.insert(name, stored);
     }
@@ -274,10 +311,15 @@ fn locate_storage<R: Read + std::io::Seek>(
     match entry.compression() {
         CompressionMethod::Stored => {
             let start = usize::try_from(entry.data_start()).map_err(|_| too_large())?;
+            if entry.compressed_size() != entry.size() {
+                return Err(format!(
+                    "entry `{name}` is stored uncompressed but its sizes differ ({} bytes \
+                     stored, {size} claimed); the file is corrupt",
+                    entry.compressed_size()
+                ));
+            }
             match start.checked_add(size) {
-                Some(end) if end <= file_len && entry.compressed_size() == entry.size() => {
-                    Ok((StorageData::Stored(start..end), size))
-                }
+                Some(end) if end <= file_len => Ok((StorageData::Stored(start..end), size)),
                 _ => Err(format!(
                     "entry `{name}` ({size} bytes at offset {start}) extends past the end of the \
                      file ({file_len} bytes); the file is truncated or corrupt"
@@ -407,11 +449,11 @@ fn is_contiguous(shape: &[usize], strides: &[usize]) -> bool {
     true
 }
 
-/// The bytes of a strided view, in row-major order; None if it lies outside the storage.
+/// The bytes of a strided view starting at the first byte of `storage`, in row-major order;
+/// None if it lies outside the storage.
 fn gather<'a>(
     storage: &'a [u8],
     size: usize,
-    offset: usize,
     shape: &[usize],
     strides: &[usize],
 ) -> Option<Cow<'a, [u8]>> {
@@ -420,14 +462,12 @@ fn gather<'a>(
         return Some(Cow::Borrowed(&[]));
     }
     if is_contiguous(shape, strides) {
-        let start = offset.checked_mul(size)?;
-        let end = offset.checked_add(count)?.checked_mul(size)?;
-        return storage.get(start..end).map(Cow::Borrowed);
+        return storage.get(..count.checked_mul(size)?).map(Cow::Borrowed);
     }
     let mut out = Vec::with_capacity(count * size);
     let mut index = vec![0usize; shape.len()];
     for _ in 0..count {
-        let element = offset + index.iter().zip(strides).map(|(i, s)| i * s).sum::<usize>();
+        let element = index.iter().zip(strides).map(|(i, s)| i * s).sum::<usize>();
         out.extend_from_slice(storage.get(element * size..(element + 1) * size)?);
         for (i, &dim) in index.iter_mut().zip(shape).rev() {
             *i += 1;
@@ -458,21 +498,23 @@ impl TensorSource for PytorchFile {
                 name: name.to_owned(),
             })?;
         let float = tensor.dtype.float(&self.origin(), name)?;
+        let span = &tensor.span;
         let storage = match &tensor.data {
-            StorageData::Stored(range) => {
-                Cow::Borrowed(self.map.get(range.clone()).ok_or_else(|| {
-                    self.tensor_error(name, "storage lies outside the file".into())
-                })?)
-            }
-            StorageData::Deflated { index } => {
-                Cow::Owned(self.inflate(name, *index, tensor.storage_len)?)
-            }
+            StorageData::Stored(range) => Cow::Borrowed(
+                self.map
+                    .as_ref()
+                    .get(range.start + span.start..range.start + span.end)
+                    .ok_or_else(|| {
+                        self.tensor_error(name, "storage lies outside the file".into())
+                    })?,
+            ),
+            StorageData::Deflated { index } => Cow::Owned(self.inflate(name, *index, span)?),
         };
-        // The view was checked against the storage when the archive was opened.
+        // The view was checked against the storage when the archive was opened; `storage`
+        // starts at its offset.
         let bytes = gather(
             &storage,
             tensor.dtype.size(),
-            tensor.offset,
             &tensor.shape,
             &tensor.strides,
         )
@@ -682,6 +724,36 @@ mod tests {
             CompressionMethod::Deflated,
         );
         assert_simple_state_dict(&PytorchFile::open(&path).unwrap());
+
+        // Only the bytes a view touches are inflated: elements 3 and 5 of a storage of 1000.
+        let mut p = Assembler::new();
+        p.op(b'}')
+            .str("w")
+            .tensor("FloatStorage", "0", 1000, 3, &[2], &[2]);
+        p.op(b's').op(b'.');
+        let values: Vec<f32> = (0..1000).map(|i| i as f32).collect();
+        let path = archive(
+            dir.path(),
+            &p.bytes(),
+            &[("0", f32_bytes(&values))],
+            CompressionMethod::Deflated,
+        );
+        let file = PytorchFile::open(&path).unwrap();
+        assert_eq!(file.tensors["w"].span, 12..24);
+        assert_eq!(file.read_f32("w").unwrap(), [3.0, 5.0]);
+    }
+
+    #[test]
+    fn oversized_pickle_is_refused_before_it_is_inflated() {
+        let dir = tempfile::tempdir().unwrap();
+        let pickle = vec![b']'; MAX_PICKLE_LEN as usize + 1];
+        let path = archive(dir.path(), &pickle, &[], CompressionMethod::Deflated);
+        assert!(std::fs::metadata(&path).unwrap().len() < 1 << 20);
+        let message = PytorchFile::open(&path).err().unwrap().to_string();
+        assert!(
+            message.contains("`archive/data.pkl` is 67108865 bytes, more than the 67108864"),
+            "{message}"
+        );
     }
 
     #[test]
@@ -836,11 +908,11 @@ mod tests {
     #[test]
     fn gather_handles_broadcast_and_empty_views() {
         let storage = f32_bytes(&[1.0, 2.0]);
-        let bytes = gather(&storage, 4, 1, &[3], &[0]).unwrap();
+        let bytes = gather(&storage[4..], 4, &[3], &[0]).unwrap();
         assert_eq!(
             crate::checkpoint::Float::F32.decode(&bytes),
             [2.0, 2.0, 2.0]
         );
-        assert!(gather(&storage, 4, 0, &[0, 5], &[5, 1]).unwrap().is_empty());
+        assert!(gather(&storage, 4, &[0, 5], &[5, 1]).unwrap().is_empty());
     }
 }
