@@ -26,15 +26,23 @@ pub enum ExportError {
     },
     #[error("{0}")]
     Usage(String),
+    /// The output path the user gave cannot be written as asked (exit code 2).
     #[error("output {path}: {message}")]
     Output { path: String, message: String },
+    /// Writing the output failed for a reason that is not the user's input, such as a full
+    /// disk (exit code 1).
+    #[error("output {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 impl ExportError {
     /// Whether the user's input is at fault (exit code 2) rather than the machine (1).
     pub fn is_bad_input(&self) -> bool {
         match self {
-            ExportError::Graph(GraphError::Io { .. }) => false,
+            ExportError::Graph(GraphError::Io { .. }) | ExportError::Io { .. } => false,
             ExportError::Checkpoint(CheckpointError::Io { source, .. }) => {
                 source.kind() == std::io::ErrorKind::NotFound
             }

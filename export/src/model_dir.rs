@@ -19,11 +19,11 @@ use crate::checkpoint::TensorSource;
 use crate::ExportError;
 
 /// File names inside a model directory.
-pub const PREFILL_FILE: &str = "prefill.onnx";
-pub const STEP_FILE: &str = "step.onnx";
-pub const SELECT_FILE: &str = "select.onnx";
-pub const DECODER_FILE: &str = "vq_decoder.onnx";
-pub const LARP_DECODER_FILE: &str = "larp_decoder.onnx";
+const PREFILL_FILE: &str = "prefill.onnx";
+const STEP_FILE: &str = "step.onnx";
+const SELECT_FILE: &str = "select.onnx";
+const DECODER_FILE: &str = "vq_decoder.onnx";
+const LARP_DECODER_FILE: &str = "larp_decoder.onnx";
 
 /// What to export.
 pub struct ExportRequest<'a> {
@@ -57,9 +57,9 @@ pub struct VqRequest<'a> {
     pub config: VqConfig,
 }
 
-/// Checks that `source` holds every tensor of `expected` with its shape; lists every problem
-/// at once.
-pub fn check_parameters(
+/// Checks that `source` holds every tensor of `expected` with its shape; lists every missing
+/// or misshapen tensor at once (a dtype that cannot be read is reported when the tensor is).
+fn check_parameters(
     source: &dyn TensorSource,
     expected: &[(String, Vec<usize>)],
 ) -> Result<(), ExportError> {
@@ -221,6 +221,8 @@ fn write_graph(
 /// A temporary sibling directory that becomes the output on `commit` and is removed otherwise.
 pub struct Staging {
     temp: PathBuf,
+    /// Where a replaced output is moved while the new one is renamed into place.
+    old: PathBuf,
     output: PathBuf,
     committed: bool,
 }
@@ -258,9 +260,13 @@ impl Staging {
             )));
         }
         let temp = parent.join(format!(".{name}.narx-partial-{}", std::process::id()));
-        std::fs::create_dir(&temp).map_err(|e| out_err(format!("cannot create it: {e}")))?;
+        std::fs::create_dir(&temp).map_err(|source| ExportError::Io {
+            path: temp.display().to_string(),
+            source,
+        })?;
         Ok(Staging {
             temp,
+            old: parent.join(format!(".{name}.narx-old-{}", std::process::id())),
             output: output.to_path_buf(),
             committed: false,
         })
@@ -270,20 +276,43 @@ impl Staging {
         &self.temp
     }
 
+    /// Renames the staging directory into place. A replaced output is moved aside first and
+    /// put back if the new one cannot take its place; once the new one is in place, failing
+    /// to delete the old one is only a warning.
     pub fn commit(mut self) -> Result<(), ExportError> {
-        let io = |e: std::io::Error| ExportError::Output {
-            path: self.output.display().to_string(),
-            message: e.to_string(),
+        let io = |path: &Path, source: std::io::Error| ExportError::Io {
+            path: path.display().to_string(),
+            source,
         };
-        if self.output.exists() {
-            let old = self.temp.with_extension("old");
-            std::fs::rename(&self.output, &old).map_err(io)?;
-            std::fs::rename(&self.temp, &self.output).map_err(io)?;
-            std::fs::remove_dir_all(&old).map_err(io)?;
-        } else {
-            std::fs::rename(&self.temp, &self.output).map_err(io)?;
+        if !self.output.exists() {
+            std::fs::rename(&self.temp, &self.output).map_err(|e| io(&self.output, e))?;
+            self.committed = true;
+            return Ok(());
+        }
+        std::fs::rename(&self.output, &self.old).map_err(|e| io(&self.output, e))?;
+        if let Err(e) = std::fs::rename(&self.temp, &self.output) {
+            return Err(match std::fs::rename(&self.old, &self.output) {
+                Ok(()) => io(&self.output, e),
+                Err(back) => ExportError::Io {
+                    path: self.output.display().to_string(),
+                    source: std::io::Error::new(
+                        e.kind(),
+                        format!(
+                            "{e}; the model it replaced is left at {} ({back})",
+                            self.old.display()
+                        ),
+                    ),
+                },
+            });
         }
         self.committed = true;
+        if let Err(e) = std::fs::remove_dir_all(&self.old) {
+            eprintln!(
+                "narx: warning: {} was written, but the model it replaced is left at {}: {e}",
+                self.output.display(),
+                self.old.display()
+            );
+        }
         Ok(())
     }
 }
@@ -294,5 +323,81 @@ impl Drop for Staging {
             // Best effort: the export already failed with a better error than this could give.
             let _ = std::fs::remove_dir_all(&self.temp);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A directory with a manifest file (all `Staging` looks at) holding `text`.
+    fn model_like(dir: &Path, text: &str) {
+        std::fs::create_dir(dir).unwrap();
+        std::fs::write(Manifest::path(dir), text).unwrap();
+    }
+
+    fn staged(output: &Path, force: bool, text: &str) -> Result<Staging, ExportError> {
+        let staging = Staging::new(output, force)?;
+        std::fs::write(Manifest::path(staging.path()), text).unwrap();
+        Ok(staging)
+    }
+
+    fn siblings(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn force_replaces_a_model_directory_and_nothing_else() {
+        let temp = tempfile::tempdir().unwrap();
+        let output = temp.path().join("model");
+        staged(&output, false, "new").unwrap().commit().unwrap();
+        assert_eq!(
+            std::fs::read_to_string(Manifest::path(&output)).unwrap(),
+            "new"
+        );
+
+        let err = staged(&output, false, "newer").err().unwrap();
+        assert!(err.is_bad_input());
+        assert!(err.to_string().contains("pass --force"), "{err}");
+        staged(&output, true, "newer").unwrap().commit().unwrap();
+        assert_eq!(
+            std::fs::read_to_string(Manifest::path(&output)).unwrap(),
+            "newer"
+        );
+        assert_eq!(siblings(temp.path()), ["model"]);
+
+        let other = temp.path().join("photos");
+        std::fs::create_dir(&other).unwrap();
+        std::fs::write(other.join("cat.png"), "meow").unwrap();
+        let err = staged(&other, true, "new").err().unwrap();
+        assert!(err.is_bad_input());
+        assert!(
+            err.to_string().contains("not a narx model directory"),
+            "{err}"
+        );
+        assert_eq!(siblings(&other), ["cat.png"]);
+        assert_eq!(siblings(temp.path()), ["model", "photos"]);
+    }
+
+    #[test]
+    fn a_failed_replacement_puts_the_old_model_back() {
+        let temp = tempfile::tempdir().unwrap();
+        let output = temp.path().join("model");
+        model_like(&output, "old");
+        let staging = staged(&output, true, "new").unwrap();
+        // The new directory vanishes before it can be renamed into place.
+        std::fs::remove_dir_all(staging.path()).unwrap();
+        let err = staging.commit().err().unwrap();
+        assert!(!err.is_bad_input(), "{err}");
+        assert_eq!(
+            std::fs::read_to_string(Manifest::path(&output)).unwrap(),
+            "old"
+        );
+        assert_eq!(siblings(temp.path()), ["model"]);
     }
 }

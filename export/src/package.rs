@@ -17,7 +17,7 @@ use crate::model_dir::Staging;
 use crate::ExportError;
 
 /// The README placed in every bundle.
-pub const BUNDLE_README: &str = "README.md";
+const BUNDLE_README: &str = "README.md";
 
 /// What was packaged.
 #[derive(Debug)]
@@ -139,10 +139,13 @@ fn write_tar(
         std::fs::rename(&partial, output)?;
         Ok(bytes)
     })();
-    result.map_err(|e| {
+    result.map_err(|source| {
         // Best effort: the temporary may never have been created.
         let _ = std::fs::remove_file(&partial);
-        out_err(e.to_string())
+        ExportError::Io {
+            path: output.display().to_string(),
+            source,
+        }
     })
 }
 
