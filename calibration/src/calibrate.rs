@@ -16,9 +16,9 @@ use narx_runtime::generate::{GenerateOptions, Prompts};
 use narx_runtime::load::{AnyGenerator, LoadOptions, Provider, Purpose};
 
 use crate::observe::{activation_inputs, expose, Observations};
-use crate::quality::{compare, Quality};
+use crate::quality::{check_comparable, compare, Quality};
 use crate::ranges::Method;
-use crate::tables::{ort_trt_table, trt_cache, Calibrator};
+use crate::tables::{check_trt_version, ort_trt_table, trt_cache, Calibrator};
 use crate::CalibrationError;
 
 /// File names the calibration adds to a model directory.
@@ -37,8 +37,11 @@ pub struct CalibrateRequest<'a> {
     pub output: &'a Path,
     /// One generation per entry (a batch of prompts each).
     pub prompts: Vec<Prompts>,
-    /// Held-out prompts for the quality report.
+    /// Prompts for the quality report.
     pub holdout: Vec<Prompts>,
+    /// Whether `holdout` shares no prompt with `prompts`; recorded in `quality.json`, since
+    /// figures measured on the calibration prompts flatter the INT8 model.
+    pub held_out: bool,
     /// A float16 export of the same model, to report beside the QDQ model.
     pub fp16_model: Option<&'a Path>,
     pub options: GenerateOptions,
@@ -59,7 +62,9 @@ pub struct Calibration {
 }
 
 pub fn calibrate(request: &CalibrateRequest) -> Result<Calibration, CalibrationError> {
-    let manifest = Manifest::load(request.model).map_err(graph_error)?;
+    request.method.validate()?;
+    check_trt_version(&request.trt_version)?;
+    let mut manifest = Manifest::load(request.model).map_err(graph_error)?;
     if manifest.dtype != DType::F32 {
         return Err(CalibrationError::BadInput(format!(
             "{} holds {:?} weights; calibrate a float32 export",
@@ -72,13 +77,19 @@ pub fn calibrate(request: &CalibrateRequest) -> Result<Calibration, CalibrationE
             "no calibration prompts: give at least one class".into(),
         ));
     }
+    if let Some(fp16) = request.fp16_model {
+        let candidate = Manifest::load(fp16).map_err(graph_error)?;
+        check_comparable(&manifest, &candidate, fp16)?;
+    }
+    // A calibrated input's tables are made anew, never linked: writing them would write
+    // through the link into the input's files.
+    manifest.calibration = None;
     let staging = Staging::new(request.output, request.force).map_err(export_error)?;
     for file in manifest.files() {
         link_or_copy(&request.model.join(file), &staging.path().join(file))?;
     }
     let observations = observe(request, &manifest, staging.path())?;
     let ranges = ranges(&observations, request.method)?;
-    let mut manifest = manifest;
     write_tables(staging.path(), &ranges, request)?;
     write_qdq_model(
         request.model,
@@ -156,7 +167,7 @@ fn observe(
     let mut failure = None;
     for (seed, prompts) in request.prompts.iter().enumerate() {
         let options = GenerateOptions {
-            seed: request.options.seed + seed as u64,
+            seed: request.options.seed.wrapping_add(seed as u64),
             ..request.options.clone()
         };
         generator
@@ -183,9 +194,9 @@ fn ranges(
     let mut ranges = Vec::new();
     let mut unexercised = Vec::new();
     for (tensor, histogram) in observations.histograms() {
-        match method.amax(histogram) {
-            Ok(amax) => ranges.push((tensor.clone(), amax)),
-            Err(_) => unexercised.push(tensor.as_str()),
+        match method.amax(histogram)? {
+            Some(amax) => ranges.push((tensor.clone(), amax)),
+            None => unexercised.push(tensor.as_str()),
         }
     }
     if !unexercised.is_empty() {
@@ -240,7 +251,7 @@ fn write_qdq_model(
     let ranges: BTreeMap<String, f32> = ranges.iter().cloned().collect();
     let weights_path = model.join(&manifest.weights.file);
     let weights = map_file(&weights_path).map_err(|e| CalibrationError::Io(e.to_string()))?;
-    let read = |tensor: &TensorProto| external_bytes(tensor, &weights);
+    let read = |tensor: &TensorProto| external_bytes(tensor, &weights, &manifest.weights.file);
     let mut store = WeightStore::external(&out, &manifest.weights.file).map_err(graph_error)?;
     let mut qdq = manifest.clone();
     qdq.calibration = None;
@@ -278,7 +289,7 @@ fn write_qdq_model(
 }
 
 /// Compares the QDQ model (and the float16 export, if given) with the float32 model on the
-/// held-out prompts; writes `quality.json` (keys `qdq.*`, `fp16.*`).
+/// quality prompts; writes `quality.json` (keys `qdq.*`, `fp16.*`).
 fn write_quality(
     request: &CalibrateRequest,
     dir: &Path,
@@ -297,6 +308,7 @@ fn write_quality(
     let fp16 = request.fp16_model.map(against).transpose()?;
     let mut report = serde_json::json!({
         "prompts": request.holdout.iter().map(Prompts::len).sum::<usize>(),
+        "held_out": request.held_out,
         "qdq": qdq.to_json(),
     });
     if let Some(fp16) = fp16 {
@@ -309,26 +321,46 @@ fn write_quality(
     Ok((qdq, fp16))
 }
 
-/// An initializer's bytes: inline, or from the model's weight file.
-fn external_bytes(tensor: &TensorProto, weights: &[u8]) -> Result<Vec<u8>, GraphError> {
+/// An initializer's bytes: inline, or from the model's weight file `weights_file`.
+fn external_bytes(
+    tensor: &TensorProto,
+    weights: &[u8],
+    weights_file: &str,
+) -> Result<Vec<u8>, GraphError> {
     if tensor.external_data.is_empty() {
         return Ok(tensor.raw_data.clone().unwrap_or_default());
     }
-    let field = |key: &str| {
+    let name = tensor.name.as_deref().unwrap_or("?");
+    let value = |key: &str| {
         tensor
             .external_data
             .iter()
             .find(|e| e.key.as_deref() == Some(key))
-            .and_then(|e| e.value.as_deref()?.parse::<usize>().ok())
+            .and_then(|e| e.value.as_deref())
     };
-    let name = tensor.name.as_deref().unwrap_or("?");
-    let (offset, length) = field("offset")
-        .zip(field("length"))
-        .ok_or_else(|| GraphError::Invalid(format!("{name}: no external offset and length")))?;
-    weights
-        .get(offset..offset + length)
+    let location = value("location").unwrap_or_default();
+    if location != weights_file {
+        return Err(GraphError::Invalid(format!(
+            "{name}: external data in {location:?}, expected the manifest's weight file \
+             {weights_file:?}"
+        )));
+    }
+    let number = |key: &str| {
+        value(key)
+            .and_then(|v| v.parse::<usize>().ok())
+            .ok_or_else(|| GraphError::Invalid(format!("{name}: no external {key} (a number)")))
+    };
+    let (offset, length) = (number("offset")?, number("length")?);
+    offset
+        .checked_add(length)
+        .and_then(|end| weights.get(offset..end))
         .map(<[u8]>::to_vec)
-        .ok_or_else(|| GraphError::Invalid(format!("{name}: outside the weight file")))
+        .ok_or_else(|| {
+            GraphError::Invalid(format!(
+                "{name}: {length} bytes at offset {offset} lie outside {weights_file} ({} bytes)",
+                weights.len()
+            ))
+        })
 }
 
 fn method_name(method: Method) -> String {
@@ -373,5 +405,52 @@ fn runtime_error(e: narx_runtime::RuntimeError) -> CalibrationError {
         CalibrationError::BadInput(e.to_string())
     } else {
         CalibrationError::Run(e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use narx_graphs::onnx::StringStringEntryProto;
+
+    fn external(location: &str, offset: &str, length: &str) -> TensorProto {
+        let entry = |key: &str, value: &str| StringStringEntryProto {
+            key: Some(key.into()),
+            value: Some(value.into()),
+        };
+        TensorProto {
+            name: Some("w".into()),
+            external_data: vec![
+                entry("location", location),
+                entry("offset", offset),
+                entry("length", length),
+            ],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn external_data_is_checked_against_the_weight_file() {
+        let weights = [1u8, 2, 3, 4, 5, 6];
+        let read = |t: &TensorProto| external_bytes(t, &weights, "weights.bin");
+        assert_eq!(read(&external("weights.bin", "2", "3")).unwrap(), [3, 4, 5]);
+        let err = read(&external("other.bin", "0", "1"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("\"other.bin\"") && err.contains("weights.bin"),
+            "{err}"
+        );
+        let max = usize::MAX.to_string();
+        for (offset, length) in [(max.as_str(), "2"), ("4", "3")] {
+            let err = read(&external("weights.bin", offset, length))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("lie outside weights.bin (6 bytes)"), "{err}");
+        }
+        let err = read(&external("weights.bin", "x", "1"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no external offset"), "{err}");
     }
 }

@@ -9,10 +9,10 @@
 use crate::CalibrationError;
 
 /// Bins of a calibration histogram (TensorRT's and ONNX Runtime's choice).
-pub const BINS: usize = 2048;
+pub(crate) const BINS: usize = 2048;
 
 #[derive(Clone, Debug, PartialEq)]
-pub struct AbsHistogram {
+pub(crate) struct AbsHistogram {
     counts: Vec<u64>,
     /// Upper edge of the last bin; 0 until a non-zero value arrives.
     edge: f32,
@@ -28,7 +28,7 @@ impl Default for AbsHistogram {
 
 impl AbsHistogram {
     /// An empty histogram of `bins` bins (an even number ≥ 2, so the range can double).
-    pub fn new(bins: usize) -> Self {
+    pub(crate) fn new(bins: usize) -> Self {
         assert!(
             bins >= 2 && bins.is_multiple_of(2),
             "bins must be even and at least 2"
@@ -42,7 +42,7 @@ impl AbsHistogram {
     }
 
     /// Adds `values`; NaN and ±∞ are refused (they would make every range meaningless).
-    pub fn add(&mut self, values: &[f32]) -> Result<(), CalibrationError> {
+    pub(crate) fn add(&mut self, values: &[f32]) -> Result<(), CalibrationError> {
         if let Some(bad) = values.iter().find(|v| !v.is_finite()) {
             return Err(CalibrationError::BadInput(format!(
                 "cannot calibrate on a non-finite activation ({bad})"
@@ -85,21 +85,22 @@ impl AbsHistogram {
 
     /// Counts per bin; bin `i` covers `[i, i + 1) · bin_width()` (the last includes its edge).
     /// Until a non-zero value arrives there is no range and every count is 0.
-    pub fn counts(&self) -> &[u64] {
+    pub(crate) fn counts(&self) -> &[u64] {
         &self.counts
     }
 
-    pub fn bin_width(&self) -> f32 {
+    pub(crate) fn bin_width(&self) -> f32 {
         self.edge / self.counts.len() as f32
     }
 
     /// The largest |x| seen (exact, not binned).
-    pub fn max(&self) -> f32 {
+    pub(crate) fn max(&self) -> f32 {
         self.max
     }
 
     /// How many values were added.
-    pub fn total(&self) -> u64 {
+    #[cfg(test)]
+    fn total(&self) -> u64 {
         self.zeros + self.counts.iter().sum::<u64>()
     }
 }
@@ -131,9 +132,13 @@ mod tests {
         assert_eq!(h.counts(), &[5, 0, 0, 1]);
         assert_eq!(h.bin_width(), 1.0);
         assert_eq!(h.max(), 3.5);
-        // The same values in one batch bin the same way (with the range set by 3.5 alone the
-        // bins would differ; what matters is that counts are never split).
         assert_eq!(h.total(), 6);
+        // The same values in one batch set the range from 3.5 alone (bins of 0.875) and bin
+        // differently; streaming never splits a count, it only coarsens earlier bins.
+        let mut once = AbsHistogram::new(4);
+        once.add(&[0.0, 0.0, 1.0, 0.3, 0.6, 3.5]).unwrap();
+        assert_eq!(once.counts(), &[4, 1, 0, 1]);
+        assert_eq!(once.total(), h.total());
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! a calibration set, the clipping range each should be quantised with, and the tables
 //! TensorRT and ONNX Runtime read those ranges from.
 //!
-//! - [`histogram`]: a streaming histogram of |x| (2048 bins) that stays exact as the range
+//! - `histogram`: a streaming histogram of |x| (2048 bins) that stays exact as the range
 //!   grows, so memory is bounded however many prompts are observed.
 //! - [`ranges`]: the clipping range from a histogram: the maximum, a percentile, or
 //!   TensorRT's entropy method.
@@ -13,7 +13,7 @@
 //!   model directory with the tables.
 
 pub mod calibrate;
-pub mod histogram;
+mod histogram;
 pub mod observe;
 pub mod quality;
 pub mod ranges;

@@ -38,7 +38,7 @@ pub fn activation_inputs(model: &ModelProto) -> Vec<String> {
 }
 
 /// Adds `tensors` to the graph's outputs as float32 of unknown shape.
-pub fn expose(model: &mut ModelProto, tensors: &[String]) {
+pub(crate) fn expose(model: &mut ModelProto, tensors: &[String]) {
     let Some(graph) = &mut model.graph else {
         return;
     };
@@ -62,14 +62,14 @@ pub fn expose(model: &mut ModelProto, tensors: &[String]) {
 
 /// One histogram per observed tensor; memory stays bounded however much is observed.
 #[derive(Debug, Default)]
-pub struct Observations {
+pub(crate) struct Observations {
     histograms: BTreeMap<String, AbsHistogram>,
 }
 
 impl Observations {
     /// Starts a histogram for each tensor, so one never observed is reported rather than
     /// silently missing.
-    pub fn expecting(tensors: impl IntoIterator<Item = String>) -> Self {
+    pub(crate) fn expecting(tensors: impl IntoIterator<Item = String>) -> Self {
         Observations {
             histograms: tensors
                 .into_iter()
@@ -79,7 +79,7 @@ impl Observations {
     }
 
     /// Adds the values of a tensor this observer expects; others are ignored.
-    pub fn observe(&mut self, tensor: &str, values: &[f32]) -> Result<(), CalibrationError> {
+    pub(crate) fn observe(&mut self, tensor: &str, values: &[f32]) -> Result<(), CalibrationError> {
         match self.histograms.get_mut(tensor) {
             Some(histogram) => histogram
                 .add(values)
@@ -88,7 +88,7 @@ impl Observations {
         }
     }
 
-    pub fn histograms(&self) -> &BTreeMap<String, AbsHistogram> {
+    pub(crate) fn histograms(&self) -> &BTreeMap<String, AbsHistogram> {
         &self.histograms
     }
 }

@@ -16,13 +16,14 @@ use std::path::Path;
 
 use serde_json::json;
 
+use narx_graphs::manifest::{Condition, Manifest};
 use narx_runtime::generate::{GenerateOptions, Prompts};
 use narx_runtime::load::{AnyGenerator, LoadOptions, Provider, Purpose};
 use narx_runtime::sampling::SamplingParams;
 
 use crate::CalibrationError;
 
-/// The three figures for one candidate.
+/// The four figures for one candidate.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Quality {
     pub top1_agreement: f64,
@@ -43,6 +44,55 @@ impl Quality {
             "cells": self.cells,
         })
     }
+}
+
+/// Refuses a candidate whose logits cannot be lined up with the reference's call by call:
+/// another grid, vocabulary, set of dimension heads or kind of prompt.
+pub fn check_comparable(
+    reference: &Manifest,
+    candidate: &Manifest,
+    candidate_dir: &Path,
+) -> Result<(), CalibrationError> {
+    let condition = |c: &Condition| match c {
+        Condition::Class { num_classes, .. } => format!("{num_classes} classes"),
+        Condition::Caption { tokens, dim } => format!("captions of {tokens}×{dim}"),
+    };
+    let axes = |m: &Manifest| m.heads.iter().map(|h| h.axis).collect::<Vec<_>>();
+    let differences = [
+        (
+            "grid",
+            format!("{:?}", reference.grid),
+            format!("{:?}", candidate.grid),
+        ),
+        (
+            "vocabulary",
+            reference.vocab_size.to_string(),
+            candidate.vocab_size.to_string(),
+        ),
+        (
+            "dimension heads (axes)",
+            format!("{:?}", axes(reference)),
+            format!("{:?}", axes(candidate)),
+        ),
+        (
+            "condition",
+            condition(&reference.condition),
+            condition(&candidate.condition),
+        ),
+    ];
+    let problems: Vec<String> = differences
+        .iter()
+        .filter(|(_, want, got)| want != got)
+        .map(|(what, want, got)| format!("{what} {got}, expected {want}"))
+        .collect();
+    if problems.is_empty() {
+        return Ok(());
+    }
+    Err(CalibrationError::BadInput(format!(
+        "{} is not an export of the same model: {}",
+        candidate_dir.display(),
+        problems.join("; ")
+    )))
 }
 
 /// Compares `candidate` with `reference` (both model directories) on `prompts`, with the
@@ -76,37 +126,61 @@ pub fn compare(
         unguided_logits: true,
         ..options.clone()
     };
+    check_comparable(float.manifest(), other.manifest(), candidate)?;
     let vocab = float.manifest().vocab_size;
+    // What the candidate reports must line up with the reference's calls; a mismatch is
+    // recorded here (the callback cannot fail) and returned after the run.
+    let mismatch = |call: usize| {
+        CalibrationError::Run(format!(
+            "{} produced logits that do not line up with the reference's at call {call}",
+            candidate.display()
+        ))
+    };
     let (mut agree, mut agree_unguided, mut cells, mut kl_sum) = (0usize, 0usize, 0usize, 0f64);
     let (mut same_tokens, mut tokens) = (0usize, 0usize);
     for batch in prompts {
         // Per call: the guided logits, and the conditional half before guidance (the first
         // rows of the assembled logits, as many values as the guided ones).
         let mut reference_calls = Vec::new();
+        let mut misaligned = None;
         let reference_run = float
-            .generate(batch, &greedy, &mut |r| {
-                let cond = &r.logits[..r.guided.len()];
-                reference_calls.push((r.guided.to_vec(), cond.to_vec()))
-            })
+            .generate(
+                batch,
+                &greedy,
+                &mut |r| match r.logits.get(..r.guided.len()) {
+                    Some(cond) => reference_calls.push((r.guided.to_vec(), cond.to_vec())),
+                    None => {
+                        misaligned.get_or_insert(reference_calls.len());
+                    }
+                },
+            )
             .map_err(run_error)?;
         let mut call = 0;
         other
             .generate_forced(batch, &greedy, &reference_run.tokens, &mut |r| {
-                let (guided, cond) = &reference_calls[call];
+                let lined_up = reference_calls.get(call).and_then(|(guided, cond)| {
+                    let got_cond = r.logits.get(..cond.len())?;
+                    (r.guided.len() == guided.len()).then_some((guided, cond, got_cond))
+                });
+                let Some((guided, cond, got_cond)) = lined_up else {
+                    misaligned.get_or_insert(call);
+                    call += 1;
+                    return;
+                };
                 for (want, got) in guided.chunks_exact(vocab).zip(r.guided.chunks_exact(vocab)) {
                     agree += usize::from(argmax(want) == argmax(got));
                     kl_sum += kl(want, got);
                     cells += 1;
                 }
-                for (want, got) in cond
-                    .chunks_exact(vocab)
-                    .zip(r.logits[..cond.len()].chunks_exact(vocab))
-                {
+                for (want, got) in cond.chunks_exact(vocab).zip(got_cond.chunks_exact(vocab)) {
                     agree_unguided += usize::from(argmax(want) == argmax(got));
                 }
                 call += 1;
             })
             .map_err(run_error)?;
+        if let Some(call) = misaligned {
+            return Err(mismatch(call));
+        }
         let free = other
             .generate(batch, &greedy, &mut |_| {})
             .map_err(run_error)?;

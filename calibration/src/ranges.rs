@@ -28,29 +28,31 @@ pub enum Method {
 impl Method {
     pub const DEFAULT_PERCENTILE: f64 = 99.99;
 
-    /// The clipping range of a tensor; an error when the histogram saw no non-zero value
-    /// (a tensor the calibration set never exercised cannot be given a range).
-    pub fn amax(&self, histogram: &AbsHistogram) -> Result<f32, CalibrationError> {
+    /// Refuses a percentile outside (0, 100], before any calibration work is done.
+    pub fn validate(&self) -> Result<(), CalibrationError> {
+        match *self {
+            Method::Percentile(p) if !(p > 0.0 && p <= 100.0) => Err(CalibrationError::BadInput(
+                format!("--percentile {p} is outside (0, 100]"),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// The clipping range of a tensor; `None` when the histogram saw no non-zero value (a
+    /// tensor the calibration set never exercised cannot be given a range).
+    pub(crate) fn amax(&self, histogram: &AbsHistogram) -> Result<Option<f32>, CalibrationError> {
+        self.validate()?;
         if histogram.max() == 0.0 {
-            return Err(CalibrationError::BadInput(
-                "no non-zero value was observed".into(),
-            ));
+            return Ok(None);
         }
         let width = histogram.bin_width();
         let counts = histogram.counts();
-        Ok(match *self {
-            Method::Max => histogram.max(),
-            Method::Percentile(p) => {
-                if !(p > 0.0 && p <= 100.0) {
-                    return Err(CalibrationError::BadInput(format!(
-                        "percentile {p} is outside (0, 100]"
-                    )));
-                }
-                percentile_bins(counts, p) as f32 * width
-            }
-            Method::Entropy => entropy_bins(counts, LEVELS.min(counts.len())) as f32 * width,
-        }
-        .min(histogram.max()))
+        let bins = match *self {
+            Method::Max => return Ok(Some(histogram.max())),
+            Method::Percentile(p) => percentile_bins(counts, p),
+            Method::Entropy => entropy_bins(counts, LEVELS.min(counts.len())),
+        };
+        Ok(Some((bins as f32 * width).min(histogram.max())))
     }
 }
 
@@ -69,7 +71,7 @@ fn percentile_bins(counts: &[u64], p: f64) -> usize {
 }
 
 /// The clip point, in bins, with the smallest `KL(P‖Q)` among `levels..=counts.len()`.
-pub fn entropy_bins(counts: &[u64], levels: usize) -> usize {
+fn entropy_bins(counts: &[u64], levels: usize) -> usize {
     let mut best = (f64::INFINITY, counts.len());
     for i in levels..=counts.len() {
         let divergence = clip_divergence(counts, i, levels);
@@ -163,7 +165,7 @@ mod tests {
     #[test]
     fn max_is_the_largest_value() {
         let h = histogram(&[0.5, -3.0, 2.0], 8);
-        assert_eq!(Method::Max.amax(&h).unwrap(), 3.0);
+        assert_eq!(Method::Max.amax(&h).unwrap().unwrap(), 3.0);
     }
 
     #[test]
@@ -173,10 +175,15 @@ mod tests {
         values.extend([3.5, 3.5, 8.0]);
         let h = histogram(&values, 8);
         // 97% is reached in bin 0 → 1.0; 99% in bin 3 → 4.0; 100% needs bin 7 → 8.0.
-        assert_eq!(Method::Percentile(97.0).amax(&h).unwrap(), 1.0);
-        assert_eq!(Method::Percentile(99.0).amax(&h).unwrap(), 4.0);
-        assert_eq!(Method::Percentile(100.0).amax(&h).unwrap(), 8.0);
-        assert!(Method::Percentile(0.0).amax(&h).is_err());
+        assert_eq!(Method::Percentile(97.0).amax(&h).unwrap().unwrap(), 1.0);
+        assert_eq!(Method::Percentile(99.0).amax(&h).unwrap().unwrap(), 4.0);
+        assert_eq!(Method::Percentile(100.0).amax(&h).unwrap().unwrap(), 8.0);
+        for bad in [0.0, -1.0, 100.5, f64::NAN] {
+            let err = Method::Percentile(bad).validate().unwrap_err().to_string();
+            assert!(err.contains("outside (0, 100]"), "{err}");
+            assert!(Method::Percentile(bad).amax(&h).is_err());
+        }
+        assert!(Method::Percentile(100.0).validate().is_ok());
     }
 
     #[test]
@@ -212,13 +219,13 @@ mod tests {
             .collect();
         values.push(10.0);
         let h = histogram(&values, BINS_FOR_TEST);
-        let amax = Method::Entropy.amax(&h).unwrap();
+        let amax = Method::Entropy.amax(&h).unwrap().unwrap();
         assert!(amax < 2.0, "entropy kept the outlier: {amax}");
         assert!(amax > 0.3, "entropy clipped the bulk: {amax}");
         // Uniform over the whole range: nothing to gain by clipping.
         let uniform: Vec<f32> = (0..2048 * 4).map(|i| (i / 4) as f32 + 0.5).collect();
         let h = histogram(&uniform, BINS_FOR_TEST);
-        assert_eq!(Method::Entropy.amax(&h).unwrap(), h.max());
+        assert_eq!(Method::Entropy.amax(&h).unwrap().unwrap(), h.max());
     }
 
     const BINS_FOR_TEST: usize = crate::histogram::BINS;
@@ -227,7 +234,7 @@ mod tests {
     fn an_unexercised_tensor_has_no_range() {
         let h = histogram(&[0.0, 0.0], 8);
         for method in [Method::Max, Method::Percentile(99.99), Method::Entropy] {
-            assert!(method.amax(&h).is_err());
+            assert_eq!(method.amax(&h).unwrap(), None);
         }
     }
 }

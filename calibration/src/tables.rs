@@ -39,6 +39,24 @@ impl Calibrator {
 /// 8601 for 8.6.1, 100000 for 10.0.0), so the version is the user's to choose.
 pub const DEFAULT_TRT_VERSION: &str = "100000";
 
+/// Refuses a TensorRT version not written as `NV_TENSORRT_VERSION` (four digits before
+/// TensorRT 10, `major·10000 + minor·100 + patch` from 10 on): TensorRT silently ignores a
+/// cache whose header names anything else, such as `TRT-10-…`.
+pub fn check_trt_version(version: &str) -> Result<(), CalibrationError> {
+    let number = version
+        .bytes()
+        .all(|b| b.is_ascii_digit())
+        .then(|| version.parse::<u32>().ok())
+        .flatten();
+    match number {
+        Some(1000..=9999 | 100_000..=999_999) if !version.starts_with('0') => Ok(()),
+        _ => Err(CalibrationError::BadInput(format!(
+            "--trt-version {version:?} is not an NV_TENSORRT_VERSION number: write 8.6.1 as \
+             8601 and 10.3.0 as 100300"
+        ))),
+    }
+}
+
 /// The native cache text for `(tensor, amax)` pairs, in the order given.
 pub fn trt_cache(version: &str, calibrator: Calibrator, ranges: &[(String, f32)]) -> String {
     let mut text = format!("TRT-{version}-{}\n", calibrator.name());
@@ -238,6 +256,19 @@ pub fn tensorrt_int8(dir: &Path, manifest: &Manifest) -> Result<TensorRtInt8, Ca
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn trt_versions_must_be_nv_tensorrt_version_numbers() {
+        for good in ["8601", "8502", DEFAULT_TRT_VERSION, "100300"] {
+            assert!(check_trt_version(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "10", "8.6", "8.6.1", "86010", "08601", "+8601", "", "1000000",
+        ] {
+            let err = check_trt_version(bad).unwrap_err().to_string();
+            assert!(err.contains("NV_TENSORRT_VERSION"), "{bad}: {err}");
+        }
+    }
 
     fn ranges() -> Vec<(String, f32)> {
         vec![
