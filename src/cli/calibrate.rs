@@ -5,10 +5,12 @@ use std::path::PathBuf;
 
 use clap::{Args, ValueEnum};
 
-use narx_calibration::calibrate::{calibrate, CalibrateRequest};
+use narx_calibration::calibrate::{
+    calibrate, CalibrateRequest, ORT_TABLE_FILE, QDQ_DIR, QUALITY_FILE, RANGES_FILE, TRT_CACHE_FILE,
+};
 use narx_calibration::quality::Quality;
 use narx_calibration::ranges::Method;
-use narx_calibration::tables::DEFAULT_TRT_VERSION;
+use narx_calibration::tables::{check_trt_version, DEFAULT_TRT_VERSION};
 use narx_graphs::manifest::{Condition, Manifest};
 use narx_runtime::generate::Prompts;
 
@@ -20,7 +22,8 @@ use super::BadInput;
 pub struct CalibrateArgs {
     /// Model directory written by `narx export` (float32).
     model: PathBuf,
-    /// Calibration classes: numbers and ranges, e.g. `0,5,100..200` (end excluded).
+    /// Calibration classes (class-conditional models): numbers and ranges, e.g.
+    /// `0,5,100..200` (end excluded).
     #[arg(long, value_delimiter = ',')]
     classes: Vec<String>,
     /// Calibration captions for a text-conditional model: safetensors with
@@ -34,7 +37,8 @@ pub struct CalibrateArgs {
     #[arg(long, default_value_t = 8)]
     batch: usize,
     /// Held-out classes for the quality report (default: the first --batch classes not
-    /// calibrated on).
+    /// calibrated on; when every class is calibrated on, the first calibration classes, and
+    /// quality.json says `"held_out": false`).
     #[arg(long, value_delimiter = ',')]
     holdout_classes: Vec<String>,
     /// A float16 export of the same model (`narx export --dtype fp16`), reported beside the
@@ -47,8 +51,9 @@ pub struct CalibrateArgs {
     /// The percentile for --method percentile.
     #[arg(long, default_value_t = Method::DEFAULT_PERCENTILE)]
     percentile: f64,
-    /// The TensorRT version the native cache's header names (NV_TENSORRT_VERSION: 8601 for
-    /// 8.6.1, 100000 for 10.0.0); TensorRT ignores a cache made for another version.
+    /// The TensorRT version the native cache's header names, as the integer
+    /// NV_TENSORRT_VERSION: 8601 for 8.6.1, 100300 for 10.3.0 (`10` or `8.6` are refused);
+    /// TensorRT ignores a cache made for another version.
     #[arg(long, default_value = DEFAULT_TRT_VERSION)]
     trt_version: String,
     /// The calibrated model directory to write.
@@ -70,9 +75,10 @@ enum MethodArg {
     Percentile,
 }
 
-/// `0,5,10..13` → `[0, 5, 10, 11, 12]`.
-fn parse_classes(items: &[String]) -> anyhow::Result<Vec<i64>> {
-    let bad = |item: &str| BadInput(format!("--classes: {item:?} is neither N nor A..B"));
+/// `0,5,10..13` → `[0, 5, 10, 11, 12]`, every class in `0..num_classes`; `flag` names the
+/// list in messages.
+fn parse_classes(flag: &str, items: &[String], num_classes: usize) -> anyhow::Result<Vec<i64>> {
+    let bad = |item: &str| BadInput(format!("{flag}: {item:?} is neither N nor A..B"));
     let mut classes = Vec::new();
     for item in items.iter().map(|s| s.trim()).filter(|s| !s.is_empty()) {
         match item.split_once("..") {
@@ -81,10 +87,25 @@ fn parse_classes(items: &[String]) -> anyhow::Result<Vec<i64>> {
                     a.parse().map_err(|_| bad(item))?,
                     b.parse().map_err(|_| bad(item))?,
                 );
+                if a >= b {
+                    return Err(BadInput(format!(
+                        "{flag}: {item} is empty (A..B runs from A up to B, excluded)"
+                    ))
+                    .into());
+                }
                 classes.extend(a..b);
             }
             None => classes.push(item.parse().map_err(|_| bad(item))?),
         }
+    }
+    if let Some(c) = classes
+        .iter()
+        .find(|&&c| usize::try_from(c).map_or(true, |c| c >= num_classes))
+    {
+        return Err(BadInput(format!(
+            "{flag}: class {c} is out of range: this model has classes 0..{num_classes}"
+        ))
+        .into());
     }
     Ok(classes)
 }
@@ -93,17 +114,32 @@ pub fn run(args: CalibrateArgs) -> anyhow::Result<()> {
     if args.samples == 0 || args.batch == 0 {
         return Err(BadInput("--samples and --batch must be at least 1".into()).into());
     }
+    let method = match args.method {
+        MethodArg::Entropy => Method::Entropy,
+        MethodArg::Max => Method::Max,
+        MethodArg::Percentile => Method::Percentile(args.percentile),
+    };
+    method.validate()?;
+    check_trt_version(&args.trt_version)?;
     let manifest = Manifest::load(&args.model)?;
-    let (sets, holdout): (Vec<Prompts>, Vec<Prompts>) = match &manifest.condition {
+    let (sets, holdout, held_out): (Vec<Prompts>, Vec<Prompts>, bool) = match &manifest.condition {
         Condition::Class { num_classes, .. } => {
-            let classes = parse_classes(&args.classes)?;
+            if args.captions.is_some() {
+                return Err(BadInput(format!(
+                    "--captions: {} is class-conditional; give --classes",
+                    args.model.display()
+                ))
+                .into());
+            }
+            let classes = parse_classes("--classes", &args.classes, *num_classes)?;
             if classes.is_empty() {
                 return Err(BadInput(
                     "the class list is empty: give calibration classes with --classes".into(),
                 )
                 .into());
             }
-            let mut holdout = parse_classes(&args.holdout_classes)?;
+            let mut holdout =
+                parse_classes("--holdout-classes", &args.holdout_classes, *num_classes)?;
             if holdout.is_empty() {
                 holdout = (0..*num_classes as i64)
                     .filter(|c| !classes.contains(c))
@@ -114,35 +150,40 @@ pub fn run(args: CalibrateArgs) -> anyhow::Result<()> {
                 // Every class was calibrated on: nothing is held out, so reuse the first.
                 holdout.extend(classes.iter().take(args.batch));
             }
+            let held_out = holdout.iter().all(|c| !classes.contains(c));
             let batches = |list: &[i64]| -> Vec<Prompts> {
                 list.chunks(args.batch)
                     .map(|chunk| Prompts::Classes(chunk.to_vec()))
                     .collect()
             };
-            (batches(&classes), batches(&holdout))
+            (batches(&classes), batches(&holdout), held_out)
         }
         Condition::Caption { tokens, dim } => {
+            if !args.classes.is_empty() || !args.holdout_classes.is_empty() {
+                return Err(BadInput(format!(
+                    "--classes/--holdout-classes: {} is text-conditional; give --captions",
+                    args.model.display()
+                ))
+                .into());
+            }
             let path = args.captions.as_ref().ok_or_else(|| {
                 BadInput("give calibration captions with --captions F.safetensors".into())
             })?;
             let captions = read_captions(path, *tokens, *dim)?;
-            (vec![captions.clone()], vec![captions])
+            // The quality report runs on the calibration captions themselves.
+            (vec![captions.clone()], vec![captions], false)
         }
     };
     let prompts: Vec<Prompts> = (0..args.samples)
         .flat_map(|_| sets.iter().cloned())
         .collect();
-    let method = match args.method {
-        MethodArg::Entropy => Method::Entropy,
-        MethodArg::Max => Method::Max,
-        MethodArg::Percentile => Method::Percentile(args.percentile),
-    };
     let (provider, load) = args.backend.load_options(None)?;
     let calibration = calibrate(&CalibrateRequest {
         model: &args.model,
         output: &args.output,
         prompts,
         holdout,
+        held_out,
         fp16_model: args.fp16_model.as_deref(),
         options: args.sampling.options(&manifest)?,
         method,
@@ -152,16 +193,19 @@ pub fn run(args: CalibrateArgs) -> anyhow::Result<()> {
         force: args.force,
     })?;
     println!(
-        "calibrated {} tensors over {} generation(s) into {}: calibration.cache (TensorRT), \
-         calibration.flatbuffers (ONNX Runtime), calibration.json, the INT8 QDQ model in \
-         int8/, quality.json",
+        "calibrated {} tensors over {} generation(s) into {}: {TRT_CACHE_FILE} (TensorRT), \
+         {ORT_TABLE_FILE} (ONNX Runtime), {RANGES_FILE}, the INT8 QDQ model in {QDQ_DIR}/, \
+         {QUALITY_FILE}",
         calibration.ranges.len(),
         calibration.generations,
         args.output.display()
     );
-    println!(
-        "  against float32 on held-out prompts   top-1 agreement (unguided)   mean KL   tokens agree"
-    );
+    let header = if held_out {
+        "against float32 on held-out prompts"
+    } else {
+        "against float32 on calibration prompts"
+    };
+    println!("  {header:38} top-1 agreement (unguided)   mean KL   tokens agree");
     let row = |name: &str, q: &Quality| {
         println!(
             "  {name:38} {:>14.1}% {:>11.1}%  {:>8.4}  {:>12.1}%",
@@ -174,6 +218,12 @@ pub fn run(args: CalibrateArgs) -> anyhow::Result<()> {
     row("int8 (QDQ)", &calibration.qdq);
     if let Some(fp16) = &calibration.fp16 {
         row("float16", fp16);
+    }
+    if !held_out {
+        println!(
+            "  note: no prompt was held out (every class was calibrated on, a caption model, or \
+             --holdout-classes overlapping --classes), so these figures flatter the INT8 model"
+        );
     }
     Ok(())
 }

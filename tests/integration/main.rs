@@ -3,6 +3,7 @@
 //! never skip, without it.
 
 mod bad_input;
+mod calibrate_inputs;
 mod calibration;
 mod cli;
 mod common;
