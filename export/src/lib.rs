@@ -43,9 +43,7 @@ impl ExportError {
     pub fn is_bad_input(&self) -> bool {
         match self {
             ExportError::Graph(GraphError::Io { .. }) | ExportError::Io { .. } => false,
-            ExportError::Checkpoint(CheckpointError::Io { source, .. }) => {
-                source.kind() == std::io::ErrorKind::NotFound
-            }
+            ExportError::Checkpoint(e) => e.is_bad_input(),
             _ => true,
         }
     }

@@ -87,7 +87,9 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
         } else if let Some(e) = cause.downcast_ref::<GraphError>() {
             !matches!(e, GraphError::Io { .. })
         } else {
-            cause.is::<CheckpointError>()
+            cause
+                .downcast_ref::<CheckpointError>()
+                .is_some_and(CheckpointError::is_bad_input)
         };
         if bad {
             return 2;

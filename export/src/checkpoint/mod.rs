@@ -111,6 +111,17 @@ pub enum CheckpointError {
     },
 }
 
+impl CheckpointError {
+    /// Whether the user's input is at fault (exit code 2): a file that is not there or not
+    /// a valid checkpoint. A file that exists but cannot be read is the machine's (1).
+    pub fn is_bad_input(&self) -> bool {
+        match self {
+            CheckpointError::Io { source, .. } => source.kind() == std::io::ErrorKind::NotFound,
+            _ => true,
+        }
+    }
+}
+
 /// Element type of a stored tensor: the float types narx converts, and the others by name and
 /// size, which are needed to validate byte lengths and to say what was found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -289,6 +300,19 @@ impl TensorSource for InMemory {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    #[test]
+    fn a_missing_file_is_the_users_fault_an_unreadable_one_is_not() {
+        let io = |kind| CheckpointError::Io {
+            path: "model.pt".into(),
+            source: io::Error::from(kind),
+        };
+        assert!(io(io::ErrorKind::NotFound).is_bad_input());
+        assert!(!io(io::ErrorKind::PermissionDenied).is_bad_input());
+        assert!(open_checkpoint(Path::new("no-such-file.pt"))
+            .err()
+            .is_some_and(|e| e.is_bad_input()));
+    }
 
     pub(crate) fn fixture(relative: &str) -> PathBuf {
         Path::new(concat!(
