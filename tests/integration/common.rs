@@ -23,6 +23,20 @@ pub fn every_row<E: Engine>(engine: &E, rows: usize) -> (String, E::Value) {
     )
 }
 
+/// Greedy generation that reports every row's logits before guidance.
+pub fn greedy_unguided_logits(cfg_scale: f32) -> narx_runtime::generate::GenerateOptions {
+    narx_runtime::generate::GenerateOptions {
+        cfg_scale,
+        cfg_interval: -1,
+        sampling: narx_runtime::sampling::SamplingParams {
+            greedy: true,
+            ..Default::default()
+        },
+        seed: 0,
+        unguided_logits: true,
+    }
+}
+
 pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures")
 }

@@ -11,10 +11,10 @@ use narx_graphs::nar::ModelArgs;
 use narx_graphs::DType;
 use narx_runtime::backend::{Engine, GraphKind, HostTensor};
 use narx_runtime::generate::{GenerateOptions, Generator, Prompts};
-use narx_runtime::sampling::SamplingParams;
 
 use crate::common::{
-    every_row, export_fixture, max_abs_diff, ort_generator, tract_generator, Reference,
+    every_row, export_fixture, greedy_unguided_logits, max_abs_diff, ort_generator,
+    tract_generator, Reference,
 };
 
 /// Prefill with `batch` labels, then one step of `width` tokens; returns the step's head
@@ -181,25 +181,14 @@ fn grouped_query_attention_matches_repeated_kv_heads() {
     }
 }
 
-fn greedy(cfg_scale: f32) -> GenerateOptions {
-    GenerateOptions {
-        cfg_scale,
-        cfg_interval: -1,
-        sampling: SamplingParams {
-            greedy: true,
-            ..SamplingParams::default()
-        },
-        seed: 0,
-        unguided_logits: true,
-    }
-}
-
 fn logits_per_call<E: Engine>(generator: &mut Generator<E>) -> Vec<Vec<f32>> {
     let mut calls = Vec::new();
     generator
-        .generate(&Prompts::Classes(vec![0, 2]), &greedy(2.0), &mut |r| {
-            calls.push(r.logits.to_vec())
-        })
+        .generate(
+            &Prompts::Classes(vec![0, 2]),
+            &greedy_unguided_logits(2.0),
+            &mut |r| calls.push(r.logits.to_vec()),
+        )
         .unwrap();
     calls
 }
@@ -304,7 +293,7 @@ fn guided_per_call<E: Engine>(generator: &mut Generator<E>, unguided_logits: boo
     let prompts = Prompts::Classes(reference.i64("labels").1);
     let options = GenerateOptions {
         unguided_logits,
-        ..greedy(4.0)
+        ..greedy_unguided_logits(4.0)
     };
     let mut guided = Vec::new();
     generator

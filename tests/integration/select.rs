@@ -13,8 +13,8 @@ use narx_runtime::load::GraphChoice;
 use narx_runtime::sampling::SamplingParams;
 
 use crate::common::{
-    chosen_graphs, export_fixture_as, ort_generator, ort_library, reference_json, tract_generator,
-    Reference,
+    chosen_graphs, export_fixture_as, greedy_unguided_logits, ort_generator, ort_library,
+    reference_json, tract_generator, Reference,
 };
 use crate::parity::prompts;
 
@@ -164,16 +164,7 @@ fn unguided_logits_bypass_the_selection() {
     let tract = TractEngine::load(&files.as_paths(), Some(2)).unwrap();
     let mut selecting = Generator::new(Manifest::load(&dir).unwrap(), tract).unwrap();
     let mut host = tract_generator(&dir);
-    let options = GenerateOptions {
-        cfg_scale: 4.0,
-        cfg_interval: -1,
-        sampling: SamplingParams {
-            greedy: true,
-            ..SamplingParams::default()
-        },
-        seed: 0,
-        unguided_logits: true,
-    };
+    let options = greedy_unguided_logits(4.0);
     let reference = Reference::load(name);
     let logits = |generator: &mut Generator<TractEngine>| {
         let mut calls = Vec::new();
