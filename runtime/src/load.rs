@@ -269,37 +269,34 @@ impl AnyGenerator {
             ));
         }
         // The candidates in order of preference; `auto` takes the first that starts.
+        let tract_instead = |e: RuntimeError| (vec![None], Some(format!("using tract ({e})")));
         let (candidates, mut note) = match provider {
             Provider::Tract => (vec![None], None),
             Provider::Cpu => (vec![Some(ExecutionProvider::Cpu)], None),
             Provider::Cuda => (vec![Some(cuda)], None),
             Provider::TensorRt => (vec![Some(tensorrt)], None),
-            Provider::Auto => match find_library(ort.library.as_deref())
-                .and_then(|path| init(&path).map(|()| path))
-            {
-                Ok(path) => {
-                    let mut candidates = Vec::new();
-                    for gpu in [tensorrt, cuda] {
-                        // A library that cannot list its providers has none to offer.
-                        if provider_available(&gpu).unwrap_or(false) {
-                            candidates.push(Some(gpu));
+            Provider::Auto => match find_library(ort.library.as_deref()) {
+                Ok(path) => match init(&path) {
+                    Ok(()) => {
+                        let mut candidates = Vec::new();
+                        for gpu in [tensorrt, cuda] {
+                            // A library that cannot list its providers has none to offer.
+                            if provider_available(&gpu).unwrap_or(false) {
+                                candidates.push(Some(gpu));
+                            }
                         }
+                        candidates.push(Some(ExecutionProvider::Cpu));
+                        (
+                            candidates,
+                            Some(format!("ONNX Runtime at {}", path.display())),
+                        )
                     }
-                    candidates.push(Some(ExecutionProvider::Cpu));
-                    (
-                        candidates,
-                        Some(format!("ONNX Runtime at {}", path.display())),
-                    )
-                }
-                // A library the user named that exists but does not load is their mistake to
-                // hear about; one narx found (too old, a broken install) is passed over.
-                Err(e @ RuntimeError::OrtLibrary(_))
-                    if library_was_named(ort.library.as_deref())
-                        && find_library(ort.library.as_deref()).is_ok() =>
-                {
-                    return Err(e)
-                }
-                Err(e) => (vec![None], Some(format!("using tract ({e})"))),
+                    // A library the user named that does not load is their mistake to hear
+                    // about; one narx found (too old, a broken install) is passed over.
+                    Err(e) if library_was_named(ort.library.as_deref()) => return Err(e),
+                    Err(e) => tract_instead(e),
+                },
+                Err(e) => tract_instead(e),
             },
         };
         let order = options.order.unwrap_or_else(|| natural_order(&manifest));

@@ -90,8 +90,7 @@ impl BackendArgs {
         purpose: Purpose,
         order: Option<Order>,
     ) -> anyhow::Result<AnyGenerator> {
-        self.check()?;
-        let (provider, mut options) = self.float_options(order)?;
+        let (provider, mut options) = self.checked_options(order)?;
         if self.trt_int8 {
             let manifest = Manifest::load(dir)?;
             options.gpu.int8 = Some(tensorrt_int8(dir, &manifest)?);
@@ -105,10 +104,17 @@ impl BackendArgs {
 
     /// Checks the flags, before any work (a model to export, say): each error names its flag.
     pub fn check(&self) -> anyhow::Result<()> {
-        if self.trt_int8 && !matches!(self.provider, ProviderArg::Tensorrt) {
+        self.checked_options(None).map(|_| ())
+    }
+
+    /// The settings, with `--trt-int8` allowed only on TensorRT (its ranges are added by
+    /// [`Self::open`], which has the model).
+    fn checked_options(&self, order: Option<Order>) -> anyhow::Result<(Provider, LoadOptions)> {
+        let (provider, options) = self.float_options(order)?;
+        if self.trt_int8 && provider != Provider::TensorRt {
             return Err(BadInput("--trt-int8 needs --provider tensorrt".into()).into());
         }
-        self.float_options(None).map(|_| ())
+        Ok((provider, options))
     }
 
     /// The backend choice and its settings, for code that opens models itself (in float:
