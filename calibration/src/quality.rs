@@ -106,8 +106,8 @@ pub fn compare(
     load: &LoadOptions,
 ) -> Result<Quality, CalibrationError> {
     let run_error = |e: narx_runtime::RuntimeError| CalibrationError::Run(e.to_string());
-    // The comparison reads every call's full logits, so they are selected on the host, and
-    // both halves before guidance.
+    // The comparison reads every call's full logits, both halves before guidance
+    // (`unguided_logits`), which bypasses a selection graph: none is loaded.
     let load = LoadOptions {
         select_on_device: Some(false),
         ..load.clone()

@@ -10,7 +10,7 @@ use narx_calibration::calibrate::{
 };
 use narx_calibration::quality::Quality;
 use narx_calibration::ranges::Method;
-use narx_calibration::tables::{check_trt_version, DEFAULT_TRT_VERSION};
+use narx_calibration::tables::DEFAULT_TRT_VERSION;
 use narx_graphs::manifest::{Condition, Manifest};
 use narx_runtime::generate::Prompts;
 
@@ -119,8 +119,6 @@ pub fn run(args: CalibrateArgs) -> anyhow::Result<()> {
         MethodArg::Max => Method::Max,
         MethodArg::Percentile => Method::Percentile(args.percentile),
     };
-    method.validate()?;
-    check_trt_version(&args.trt_version)?;
     let manifest = Manifest::load(&args.model)?;
     let (sets, holdout, held_out): (Vec<Prompts>, Vec<Prompts>, bool) = match &manifest.condition {
         Condition::Class { num_classes, .. } => {
