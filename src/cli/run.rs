@@ -10,7 +10,7 @@ use narx_export::checkpoint::{SafetensorsFile, TensorSource};
 use narx_graphs::manifest::{Condition, Manifest};
 use narx_runtime::generate::{GenerateOptions, Generation, Prompts};
 use narx_runtime::load::{AnyGenerator, Purpose};
-use narx_runtime::sampling::SamplingParams;
+use narx_runtime::sampling::{SamplingError, SamplingParams};
 
 use super::backend::BackendArgs;
 use super::output::{require_decoder, OutputArgs};
@@ -96,17 +96,24 @@ pub struct SamplingArgs {
 impl SamplingArgs {
     /// Checks the flags given, before any work: each error names its flag.
     pub fn check(&self) -> anyhow::Result<()> {
-        let bad = |m: String| Err(BadInput(m).into());
-        match (self.cfg_scale, self.temperature, self.top_p) {
-            (Some(s), _, _) if !s.is_finite() => bad(format!("--cfg-scale {s} is not a number")),
-            (_, Some(t), _) if !(t.is_finite() && t >= 0.0) => {
-                bad(format!("--temperature {t} must be a finite number >= 0"))
-            }
-            (_, _, Some(p)) if !(p > 0.0 && p <= 1.0) => {
-                bad(format!("--top-p {p} must be in (0, 1]"))
-            }
-            _ => Ok(()),
+        if let Some(s) = self.cfg_scale.filter(|s| !s.is_finite()) {
+            return Err(BadInput(format!("--cfg-scale {s} is not a number")).into());
         }
+        // The sampler's own rules, on the flags given (its defaults pass them).
+        let defaults = SamplingParams::default();
+        let given = SamplingParams {
+            temperature: self.temperature.unwrap_or(defaults.temperature),
+            top_p: self.top_p.unwrap_or(defaults.top_p),
+            ..defaults
+        };
+        given.validate().map_err(|e| {
+            let flag = match e {
+                SamplingError::InvalidTemperature(t) => format!("--temperature {t}"),
+                SamplingError::InvalidTopP(p) => format!("--top-p {p}"),
+                _ => "sampling flags".into(),
+            };
+            BadInput(format!("{flag}: {e}")).into()
+        })
     }
 
     /// The flags given, the manifest's defaults for the rest.
